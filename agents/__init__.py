@@ -1,0 +1,5 @@
+"""Training algorithms. Each agent joins a policy with data and/or batched envs and owns its optimiser,
+checkpoints and exact resume."""
+from distillery.agents.bc import BCAgent
+
+__all__ = ["BCAgent"]

@@ -1,0 +1,192 @@
+"""Compose and validate the Hydra config tree before any work starts.
+
+Values live in the YAML tree under ``configs/`` (shipped in the package); this module adds the
+schema: types of every top-level section (checked by OmegaConf), the valid names of tasks,
+policies and agents, and cross-field checks (horizons, samplers). Every failure is a
+:class:`ConfigError` whose message names the key and lists the valid choices.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+if not (CONFIG_DIR / "config.yaml").is_file():  # installed wheel: configs ship as distillery.configs
+    import distillery.configs as _configs_pkg
+
+    CONFIG_DIR = Path(_configs_pkg.__file__).resolve().parent
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message says which and how to fix it."""
+
+
+# ----------------------------------------------------------------------------------- schemas (types only;
+# values live in the YAML files, so there is one place to read and change a default)
+@dataclass
+class TaskSchema:
+    name: str = MISSING
+    max_episode_steps: Optional[int] = MISSING
+    decimation: Optional[int] = MISSING
+    kwargs: dict[str, Any] = MISSING
+
+
+@dataclass
+class BCSchema:
+    name: str = MISSING
+    steps: int = MISSING
+    batch_size: int = MISSING
+    lr: float = MISSING
+    weight_decay: float = MISSING
+    betas: list[float] = MISSING
+    warmup_steps: int = MISSING
+    grad_clip: float = MISSING
+    ema: bool = MISSING
+    ema_power: float = MISSING
+    ema_max_decay: float = MISSING
+    log_every: int = MISSING
+    eval_every: int = MISSING
+    eval_episodes: int = MISSING
+    checkpoint_every: int = MISSING
+
+
+@dataclass
+class EvalSchema:
+    num_envs: int = MISSING
+    latency_calls: int = MISSING
+    video_episodes: int = MISSING
+
+
+@dataclass
+class CollectSchema:
+    num_envs: int = MISSING
+
+
+@dataclass
+class LoggerSchema:
+    wandb: bool = MISSING
+    project: str = MISSING
+
+
+@dataclass
+class RootSchema:
+    seed: int = MISSING
+    device: str = MISSING
+    run_dir: Optional[str] = MISSING
+    dataset: Optional[str] = MISSING
+    episodes: int = MISSING
+    expert_noise: float = MISSING
+    checkpoint: Optional[str] = MISSING
+    sampler: Optional[str] = MISSING
+    task: TaskSchema = field(default_factory=TaskSchema)
+    policy: dict[str, Any] = MISSING  # validated by the policy class itself (its DEFAULTS list every key)
+    agent: BCSchema = field(default_factory=BCSchema)
+    eval: EvalSchema = field(default_factory=EvalSchema)
+    collect: CollectSchema = field(default_factory=CollectSchema)
+    logger: LoggerSchema = field(default_factory=LoggerSchema)
+
+
+_UNKNOWN_KEY = re.compile(r"Could not override '([^']+)'")
+
+
+def _hydra_compose(overrides: list[str]) -> DictConfig:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3", job_name="distillery"):
+            return hydra_compose(config_name="config", overrides=overrides)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Compose ``configs/config.yaml`` with command-line ``overrides`` and validate it."""
+    from hydra.errors import HydraException
+
+    try:
+        cfg = _hydra_compose(list(overrides))
+    except (HydraException, OmegaConfBaseException) as e:
+        msg = str(e).split("\nConfig search path:")[0].strip()
+        m = _UNKNOWN_KEY.search(msg)
+        if m:
+            parent, _, key = m.group(1).rpartition(".")
+            node = OmegaConf.select(_hydra_compose([]), parent) if parent else _hydra_compose([])
+            valid = sorted(node.keys()) if isinstance(node, DictConfig) else []
+            msg = (f"unknown key {m.group(1)!r}"
+                   + (f"; valid keys of {parent or 'the root'}: {', '.join(map(str, valid))}" if valid else ""))
+        raise ConfigError(f"bad config override: {msg}") from None
+    return validate(cfg)
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """Type-check ``cfg`` against :class:`RootSchema` and check names and cross-field rules."""
+    try:
+        typed = OmegaConf.merge(OmegaConf.structured(RootSchema), cfg)
+        OmegaConf.to_container(typed, throw_on_missing=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"invalid config: {e}".strip()) from None
+    _check_choices(typed)
+    return typed
+
+
+def _check_choices(cfg: DictConfig) -> None:
+    from distillery.envs import TASKS
+    from distillery.policies import POLICIES
+    from distillery.policies.base import resolve_config
+
+    if cfg.task.name not in TASKS:
+        raise ConfigError(f"task.name={cfg.task.name!r} is not a task; valid tasks: {', '.join(TASKS)}")
+    name = cfg.policy.get("name")
+    if name not in POLICIES:
+        raise ConfigError(f"policy.name={name!r} is not a policy; valid policies: {', '.join(sorted(POLICIES))}")
+    try:
+        resolve_config(POLICIES[name].DEFAULTS, OmegaConf.to_container(cfg.policy), name)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"invalid policy config: {e}") from None
+    if cfg.agent.name != "bc":
+        raise ConfigError(f"agent.name={cfg.agent.name!r} is not an agent; valid agents: bc")
+    positive = {"episodes": cfg.episodes, "agent.steps": cfg.agent.steps, "agent.batch_size": cfg.agent.batch_size,
+                "eval.num_envs": cfg.eval.num_envs, "collect.num_envs": cfg.collect.num_envs,
+                "agent.checkpoint_every": cfg.agent.checkpoint_every, "agent.log_every": cfg.agent.log_every,
+                "eval.latency_calls": cfg.eval.latency_calls}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+    for key in ("expert_noise", "agent.lr", "agent.weight_decay", "agent.warmup_steps", "agent.eval_every",
+                "eval.video_episodes"):
+        value = OmegaConf.select(cfg, key)
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+    if cfg.device != "cpu" and not cfg.device.startswith("cuda"):
+        raise ConfigError(f"device={cfg.device!r}; use 'cpu' or 'cuda[:N]'")
+    if cfg.sampler is not None:
+        samplers(cfg)  # parses, raising ConfigError on a bad one
+
+
+def samplers(cfg: DictConfig, policy_name: str | None = None) -> list[str]:
+    """The samplers ``eval`` runs: ``cfg.sampler`` (comma-separated) or the policy's defaults."""
+    from distillery.policies import parse_sampler
+
+    name = policy_name or cfg.policy.name
+    if cfg.sampler is None:
+        return ["ddpm", "ddim:10"] if name == "diffusion" else ["direct"]
+    out = [s.strip() for s in str(cfg.sampler).split(",") if s.strip()]
+    if name == "diffusion":
+        for s in out:
+            try:
+                parse_sampler(s, 100)
+            except ValueError as e:
+                raise ConfigError(f"sampler={s!r}: {e}") from None
+    return out
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

@@ -1,0 +1,111 @@
+"""Evaluate policies in batched envs: success rate (95% CI), return, length, latency; ``report.json``.
+
+``report.json`` follows DESIGN.md ("Results are data")::
+
+    {"task": ..., "episodes": ..., "seed": ...,
+     "results": [{"policy", "sampler", "success_rate", "success_ci95", "mean_return", "mean_length",
+                  "latency_ms_p50", "params", "checkpoint"}, ...]}
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from distillery.envs import BatchedEnv
+from distillery.policies import Policy, policy_from_description
+from distillery.rollout import Episode, run_waves, summarize
+from distillery.runtime import atomic_write_text, load_checkpoint, resolve_checkpoint
+
+REPORT_FILE = "report.json"
+
+
+class PolicyActor:
+    """Adapts a policy's receding-horizon ``act`` to the rollout loop with a fixed sampler and noise stream."""
+
+    def __init__(self, policy: Policy, sampler: str | None, seed: int = 0) -> None:
+        self.policy, self.sampler = policy, sampler
+        self.generator = torch.Generator().manual_seed(int(seed))
+
+    def __call__(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.policy.act(obs, sampler=self.sampler, generator=self.generator)
+
+    def reset(self, mask: torch.Tensor | None = None) -> None:
+        self.policy.reset(mask)
+
+
+def load_policy(path: str | Path) -> tuple[Policy, dict[str, Any]]:
+    """Rebuild a policy from a checkpoint (run dir, ``checkpoints/last`` or a step dir); returns (policy, meta)."""
+    ckpt = resolve_checkpoint(path)
+    tensors, meta = load_checkpoint(ckpt)
+    if "policy" not in meta:
+        raise ValueError(f"checkpoint {ckpt} has no policy description in meta.json; it was not written by "
+                         f"`distillery train`")
+    policy = policy_from_description(meta["policy"])
+    weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    policy.load_state_dict(weights)
+    policy.eval()
+    meta["checkpoint_path"] = str(ckpt)
+    return policy, meta
+
+
+def evaluate_policy(policy: Policy, env: BatchedEnv, episodes: int, seed: int, sampler: str | None,
+                    progress: Any = None, video_episodes: int = 0) -> tuple[dict[str, Any], list[Episode]]:
+    """Success rate (with 95% CI), mean return and length over ``episodes`` seeded episodes."""
+    policy.eval()
+    actor = PolicyActor(policy, sampler, seed)
+    played: list[Episode] = []
+    for wave in run_waves(env, actor, episodes, seed, render_episodes=video_episodes):
+        played.extend(wave)
+        if progress is not None:
+            progress.update(len(wave))
+    return summarize(played), played
+
+
+@torch.no_grad()
+def measure_latency(policy: Policy, env: BatchedEnv, sampler: str | None, calls: int = 20,
+                    warmup: int = 3) -> float:
+    """Median wall time (ms) of one action-chunk prediction at batch 1 from a real observation."""
+    obs = env.reset(seed=0)
+    history = {k: obs[k][:1].unsqueeze(1).repeat_interleave(policy.obs_horizon, 1) for k in policy.obs_keys}
+    times = []
+    for i in range(warmup + calls):
+        t0 = time.perf_counter()
+        policy.predict_chunk(history, sampler)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1e3)
+
+
+def write_report(run_dir: str | Path, task: str, episodes: int, seed: int,
+                 results: Sequence[Mapping[str, Any]]) -> Path:
+    path = Path(run_dir) / REPORT_FILE
+    report = {"task": task, "episodes": int(episodes), "seed": int(seed), "results": [dict(r) for r in results]}
+    atomic_write_text(path, json.dumps(report, indent=2) + "\n")
+    return path
+
+
+def format_table(results: Sequence[Mapping[str, Any]]) -> str:
+    """Human-readable results table."""
+    head = f"{'policy':<12} {'sampler':<10} {'success':>8} {'95% CI':>13} {'return':>8} {'length':>7} {'ms/chunk':>9}"
+    lines = [head, "-" * len(head)]
+    for r in results:
+        lo, hi = r["success_ci95"]
+        lines.append(f"{r['policy']:<12} {r['sampler']:<10} {r['success_rate']:>8.3f} {f'[{lo:.2f}, {hi:.2f}]':>13} "
+                     f"{r['mean_return']:>8.2f} {r['mean_length']:>7.1f} {r['latency_ms_p50']:>9.2f}")
+    return "\n".join(lines)
+
+
+def save_video(frames: Sequence[np.ndarray], path: str | Path, fps: float) -> Path:
+    """Write RGB frames (H, W, 3) uint8 as an animated GIF (Pillow; no ffmpeg needed)."""
+    from PIL import Image
+
+    path = Path(path)
+    images = [Image.fromarray(f) for f in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    return path

@@ -1,0 +1,236 @@
+"""The stages behind the CLI: ``collect``, ``train``, ``eval`` and the ``demo`` that chains them.
+
+Each stage takes a validated config (:func:`distillery.config.compose`), writes one run directory
+(``config.yaml``, ``metrics.jsonl``, checkpoints, ``report.json``) and returns what the next stage needs.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from distillery import config as config_mod
+from distillery.envs import BatchedEnv, make_env, make_expert
+
+RUNS_DIR = Path("runs")
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def make_run_dir(cfg: DictConfig, command: str) -> Path:
+    """``cfg.run_dir`` or ``runs/<date>_<time>_<command>_<task>``; writes the resolved ``config.yaml`` into it."""
+    if cfg.run_dir:
+        run_dir = Path(cfg.run_dir)
+    else:
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+        run_dir = RUNS_DIR / f"{stamp}_{command}_{cfg.task.name}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    from distillery.runtime import atomic_write_text
+
+    atomic_write_text(run_dir / "config.yaml", config_mod.to_yaml(cfg))
+    return run_dir
+
+
+def env_from_config(task: Any, num_envs: int, seed: int) -> BatchedEnv:
+    """Batched env from a ``task`` config section (a DictConfig or the plain dict stored in checkpoints)."""
+    kwargs: dict[str, Any] = dict(task["kwargs"])
+    for key in ("max_episode_steps", "decimation"):
+        if task[key] is not None:
+            kwargs[key] = int(task[key])
+    return make_env(task["name"], num_envs=num_envs, seed=seed, **kwargs)
+
+
+def dataset_path(cfg: DictConfig) -> Path:
+    return Path(cfg.dataset) if cfg.dataset else Path("data") / f"{cfg.task.name}.zarr"
+
+
+def make_logger(cfg: DictConfig, run_dir: Path, name: str):
+    from distillery.runtime import Logger
+
+    return Logger(run_dir, OmegaConf.to_container(cfg, resolve=True), wandb=bool(cfg.logger.wandb),
+                  project=cfg.logger.project, name=name)
+
+
+# ----------------------------------------------------------------------------------------------- collect
+def collect(cfg: DictConfig) -> Path:
+    """Roll out the task's scripted expert and append ``cfg.episodes`` episodes to the dataset.
+
+    Appending resumes: a dataset that already holds some episodes (e.g. from a killed run) is continued
+    up to ``cfg.episodes``, with wave seeds continuing where it stopped.
+    """
+    from distillery.data import EpisodeDataset, EpisodeWriter
+    from distillery.rollout import run_waves, summarize
+
+    path = dataset_path(cfg)
+    num_envs = min(int(cfg.collect.num_envs), int(cfg.episodes))
+    env = env_from_config(cfg.task, num_envs, cfg.seed)
+    expert = make_expert(cfg.task.name, num_envs, noise=float(cfg.expert_noise), seed=int(cfg.seed))
+    meta = {"task": cfg.task.name, "expert_noise": float(cfg.expert_noise), "seed": int(cfg.seed),
+            "control_dt": env.control_dt, "max_episode_steps": env.max_episode_steps,
+            "collect_num_envs": num_envs}
+    have = EpisodeDataset(path).num_episodes if (path / "zarr.json").exists() and _committed(path) else 0
+    todo = int(cfg.episodes) - have
+    played = []
+    with EpisodeWriter(path, meta, env.observation_spec, env.action_spec) as writer:
+        if todo > 0:
+            bar = _progress(todo, f"collect {cfg.task.name}")
+            # waves already written are skipped by seeding from the next wave index
+            first_wave = have // num_envs
+            seed = int(cfg.seed) + 7919 * first_wave
+            for wave in run_waves(env, expert, todo, seed, record=True):
+                for ep in wave:
+                    writer.append(ep.obs, ep.action, ep.reward, ep.terminated, ep.truncated)
+                played.extend(wave)
+                bar.update(len(wave))
+            bar.close()
+    env.close()
+    if played:
+        s = summarize(played)
+        print(f"collected {len(played)} episodes -> {path}  (expert success {s['success_rate']:.3f}, "
+              f"mean length {s['mean_length']:.1f})")
+    else:
+        print(f"{path} already holds {have} >= {cfg.episodes} episodes; nothing to collect")
+    return path
+
+
+def _committed(path: Path) -> bool:
+    try:
+        from distillery.data import EpisodeDataset
+
+        EpisodeDataset(path)
+        return True
+    except (ValueError, FileNotFoundError):
+        return False
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, mininterval=1.0, disable=None)
+
+
+# ----------------------------------------------------------------------------------------------- train
+def train(cfg: DictConfig, resume: str | Path | None = None) -> Path:
+    """Imitation of the dataset with ``cfg.policy``; returns the run directory (checkpoints inside)."""
+    import torch
+
+    from distillery.agents import BCAgent
+    from distillery.data import EpisodeDataset, SequenceDataset
+    from distillery.policies import make_policy
+    from distillery.runtime import resolve_checkpoint
+
+    if resume is not None:
+        run_dir = Path(resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise FileNotFoundError(f"--resume {run_dir}: no config.yaml there; pass the run directory that "
+                                    f"`distillery train` created (runs/<...>_train_<task>)")
+        cfg = config_mod.validate(OmegaConf.load(run_dir / "config.yaml"))
+        ckpt = resolve_checkpoint(run_dir)
+    else:
+        run_dir = make_run_dir(cfg, "train")
+        ckpt = None
+    torch.manual_seed(int(cfg.seed))
+    path = dataset_path(cfg)
+    episodes = EpisodeDataset(path)
+    if episodes.meta.get("task") != cfg.task.name:
+        raise ValueError(f"dataset {path} holds task {episodes.meta.get('task')!r} but task={cfg.task.name!r}; "
+                         f"pass dataset=<path of a {cfg.task.name} dataset> or collect one")
+    policy = make_policy(cfg.policy.name, episodes.obs_spec, episodes.action_spec,
+                         OmegaConf.to_container(cfg.policy))
+    policy.set_normalizer(episodes.stats(list(policy.obs_keys) + ["action"]))
+    data = SequenceDataset(episodes, policy.obs_keys, policy.obs_horizon, policy.pred_horizon)
+    logger = make_logger(cfg, run_dir, run_dir.name)
+    print(f"train {cfg.policy.name} ({policy.num_params() / 1e6:.2f}M params) on {episodes.num_episodes} episodes "
+          f"/ {episodes.num_steps} steps of {path} -> {run_dir}")
+
+    evaluate = None
+    if cfg.agent.eval_every:
+        from distillery.evaluate import evaluate_policy
+
+        eval_env = env_from_config(cfg.task, min(int(cfg.eval.num_envs), int(cfg.agent.eval_episodes)), cfg.seed + 1)
+
+        def evaluate(p):
+            return {k: v for k, v in evaluate_policy(p, eval_env, int(cfg.agent.eval_episodes), cfg.seed + 1,
+                                                     None)[0].items() if isinstance(v, float)}
+
+    agent = BCAgent(cfg.agent, policy, data, run_dir, logger, seed=int(cfg.seed), evaluate=evaluate,
+                    meta={"task": cfg.task.name, "dataset": str(path), "config": OmegaConf.to_container(cfg)})
+    if ckpt is not None:
+        agent.load(ckpt)
+        print(f"resumed from {ckpt} at step {agent.step}")
+    agent.train()
+    logger.close()
+    return run_dir
+
+
+# ----------------------------------------------------------------------------------------------- eval
+def evaluate(cfg: DictConfig, checkpoints: dict[str, str | Path] | None = None,
+             run_dir: Path | None = None) -> Path:
+    """Evaluate one checkpoint (``cfg.checkpoint``) or several (``{label: path}``) with each sampler.
+
+    Prints the results table and writes ``report.json`` in the run directory; returns its path.
+    """
+    from distillery.evaluate import evaluate_policy, format_table, load_policy, measure_latency, save_video
+    from distillery.evaluate import write_report
+
+    if checkpoints is None:
+        if not cfg.checkpoint:
+            raise ValueError("eval needs checkpoint=<run dir | checkpoints/last | step dir>")
+        checkpoints = {"": cfg.checkpoint}
+    run_dir = run_dir or make_run_dir(cfg, "eval")
+    results = []
+    tasks = set()
+    for label, ckpt in checkpoints.items():
+        policy, meta = load_policy(ckpt)
+        # evaluate on the task (and episode settings) the policy was trained for
+        task_cfg = meta["config"]["task"]
+        tasks.add(task_cfg["name"])
+        num_envs = min(int(cfg.eval.num_envs), int(cfg.episodes))
+        env = env_from_config(task_cfg, num_envs, cfg.seed)
+        latency_env = env_from_config(task_cfg, 1, cfg.seed)
+        for sampler in config_mod.samplers(cfg, policy.name):
+            s = None if sampler == "direct" else sampler
+            t0 = time.perf_counter()
+            bar = _progress(int(cfg.episodes), f"eval {label or policy.name} {sampler}")
+            summary, played = evaluate_policy(policy, env, int(cfg.episodes), int(cfg.seed), s, bar,
+                                              int(cfg.eval.video_episodes))
+            bar.close()
+            latency = measure_latency(policy, latency_env, s, int(cfg.eval.latency_calls))
+            row = {"policy": label or policy.name, "sampler": sampler, **summary, "latency_ms_p50": latency,
+                   "params": policy.num_params(), "checkpoint": meta["checkpoint_path"],
+                   "eval_wall_s": time.perf_counter() - t0}
+            results.append(row)
+            for i, ep in enumerate(e for e in played if e.frames):
+                save_video(ep.frames, run_dir / f"video_{row['policy']}_{sampler.replace(':', '-')}_{i}.gif",
+                           fps=1.0 / env.control_dt)
+        env.close()
+        latency_env.close()
+    path = write_report(run_dir, ",".join(sorted(tasks)), int(cfg.episodes), int(cfg.seed), results)
+    print(format_table(results))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- demo
+def demo(overrides: list[str]) -> Path:
+    """collect -> train diffusion and the MLP baseline on the same data -> evaluate both -> report.json."""
+    t0 = time.perf_counter()
+    base = config_mod.compose(["experiment=push_cube_demo", *overrides])
+    root = Path(base.run_dir) if base.run_dir else RUNS_DIR / f"{dt.datetime.now():%Y%m%d-%H%M%S}_demo"
+    data = root / "data" / f"{base.task.name}.zarr"
+    common = [f"dataset={data}", *overrides]
+    collect(config_mod.compose(["experiment=push_cube_demo", *common, f"run_dir={root / 'collect'}"]))
+    runs = {}
+    for policy in ("diffusion", "mlp"):
+        cfg = config_mod.compose(["experiment=push_cube_demo", f"policy={policy}", *common,
+                                  f"run_dir={root / ('train_' + policy)}"])
+        runs[policy] = train(cfg)
+    eval_cfg = config_mod.compose(["experiment=push_cube_demo", *common, f"run_dir={root}"])
+    root.mkdir(parents=True, exist_ok=True)
+    report = evaluate(eval_cfg, {p: r for p, r in runs.items()}, run_dir=root)
+    print(f"demo finished in {(time.perf_counter() - t0) / 60:.1f} min")
+    return report
+
