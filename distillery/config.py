@@ -140,17 +140,13 @@ def validate(cfg: DictConfig) -> DictConfig:
 def _check_choices(cfg: DictConfig) -> None:
     from distillery.envs import TASKS
     from distillery.policies import POLICIES
-    from distillery.policies.base import resolve_config
 
     if cfg.task.name not in TASKS:
         raise ConfigError(f"task.name={cfg.task.name!r} is not a task; valid tasks: {', '.join(TASKS)}")
     name = cfg.policy.get("name")
     if name not in POLICIES:
         raise ConfigError(f"policy.name={name!r} is not a policy; valid policies: {', '.join(sorted(POLICIES))}")
-    try:
-        resolve_config(POLICIES[name].DEFAULTS, OmegaConf.to_container(cfg.policy), name)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"invalid policy config: {e}") from None
+    _check_policy(cfg)
     if cfg.agent.name != "bc":
         raise ConfigError(f"agent.name={cfg.agent.name!r} is not an agent; valid agents: bc")
     positive = {"episodes": cfg.episodes, "agent.steps": cfg.agent.steps, "agent.batch_size": cfg.agent.batch_size,
@@ -169,6 +165,24 @@ def _check_choices(cfg: DictConfig) -> None:
         raise ConfigError(f"device={cfg.device!r}; use 'cpu' or 'cuda[:N]'")
     if cfg.sampler is not None:
         samplers(cfg)  # parses, raising ConfigError on a bad one
+
+
+def _check_policy(cfg: DictConfig) -> None:
+    """Build the policy for the task's specs on the meta device (no memory, no weights) so that every
+    policy key, horizon, sampler and observation group is checked before any work starts."""
+    import torch
+
+    from distillery.envs import make_env
+    from distillery.policies import make_policy
+
+    env = make_env(cfg.task.name, num_envs=1)
+    try:
+        with torch.device("meta"):
+            make_policy(cfg.policy.name, env.observation_spec, env.action_spec, OmegaConf.to_container(cfg.policy))
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"invalid policy config for task {cfg.task.name}: {e}") from None
+    finally:
+        env.close()
 
 
 def samplers(cfg: DictConfig, policy_name: str | None = None) -> list[str]:

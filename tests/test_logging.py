@@ -19,7 +19,6 @@ from distillery.runtime.logging import Logger
 def clean_wandb_env(monkeypatch, tmp_path):
     for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DIR"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NETRC", str(tmp_path / "no_netrc"))
     monkeypatch.setenv("WANDB_SILENT", "true")
 
 
@@ -82,13 +81,10 @@ def test_wandb_mode_defaults_to_offline_unless_configured(tmp_path, clean_wandb_
     Logger(tmp_path / "a", {}).close()
     assert calls[-1]["mode"] == "offline" and calls[-1]["dir"] == str(tmp_path / "a")
 
-    netrc = tmp_path / "netrc"
-    netrc.write_text("machine api.wandb.ai\n  login user\n  password abc\n")
-    os.chmod(netrc, 0o600)
-    monkeypatch.setenv("NETRC", str(netrc))
+    monkeypatch.setenv("WANDB_MODE", "online")
     Logger(tmp_path / "b", {}).close()
-    assert calls[-1]["mode"] is None  # `wandb login` done: let wandb decide (online)
-    monkeypatch.setenv("NETRC", str(tmp_path / "no_netrc"))
+    assert calls[-1]["mode"] is None  # the user chose: let wandb read WANDB_MODE itself
+    monkeypatch.delenv("WANDB_MODE")
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     Logger(tmp_path / "c", {}).close()
     assert calls[-1]["mode"] is None

@@ -1,14 +1,13 @@
 """Metric logging for training runs: JSONL file (source of truth), concise console lines, wandb.
 
-wandb runs offline unless the user configured it (``WANDB_API_KEY`` or ``WANDB_MODE`` set, or a
-``wandb login`` entry for api.wandb.ai in the netrc file), so training never blocks on network access,
+wandb runs offline unless the user configured it (``WANDB_API_KEY`` or ``WANDB_MODE`` set; after
+``wandb login``, ``WANDB_MODE=online``), so training never blocks on network access,
 and any wandb failure only produces a warning: logging must never crash training.
 """
 from __future__ import annotations
 
 import json
 import math
-import netrc
 import os
 import sys
 import time
@@ -23,14 +22,9 @@ from distillery.runtime.checkpoint import atomic_write_text
 
 
 def _wandb_configured() -> bool:
-    """True if the user set up wandb (key/mode in env, or ``wandb login`` wrote a netrc entry)."""
-    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE"):
-        return True
-    netrc_path = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
-    try:
-        return netrc.netrc(netrc_path).authenticators("api.wandb.ai") is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
+    """True if the user chose how wandb runs (``WANDB_API_KEY`` or ``WANDB_MODE``, e.g. ``online`` after
+    ``wandb login``). Distillery reads no file outside the run to decide this: without either it logs offline."""
+    return bool(os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE"))
 
 
 def _to_plain(x: Any) -> Any:

@@ -1,0 +1,84 @@
+"""The CLI end to end on a tiny budget, and config validation errors (before any work starts)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from distillery import config as config_mod
+from distillery.cli import main
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["task=foo"], ["task/foo", "lift_cube", "push_cube"]),
+    (["agent.stepz=3"], ["unknown key 'agent.stepz'", "steps", "batch_size"]),
+    (["policy.down_dimz=[8]"], ["unknown key 'policy.down_dimz'", "down_dims"]),
+    (["bogus=1"], ["unknown key 'bogus'", "episodes"]),
+    (["agent.steps=abc"], ["agent.steps", "abc"]),
+    (["episodes=0"], ["episodes must be >= 1"]),
+    (["sampler=ddim:x"], ["ddim:x", "Valid forms"]),
+    (["policy.action_horizon=20"], ["exceeds", "pred_horizon"]),
+    (["policy=mlp", "policy.obs_keys=[camera]"], ["camera"]),
+])
+def test_config_errors_name_the_problem(overrides, expected):
+    with pytest.raises(config_mod.ConfigError) as err:
+        config_mod.compose(overrides)
+    for text in expected:
+        assert text in str(err.value)
+
+
+def test_cli_reports_config_errors_with_exit_code_2(capsys):
+    assert main(["train", "agent.stepz=3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'agent.stepz'" in err and "steps" in err
+
+
+def test_experiments_compose_to_their_task_and_policy():
+    for task in ("push_cube", "lift_cube"):
+        for policy in ("diffusion", "mlp"):
+            cfg = config_mod.compose([f"experiment={task}_{policy}"])
+            assert (cfg.task.name, cfg.policy.name) == (task, policy)
+
+
+def test_policy_yaml_lists_every_policy_key():
+    """The YAML files are the documented defaults: each lists exactly the keys its policy class accepts."""
+    from distillery.policies import POLICIES
+
+    for name in ("diffusion", "mlp", "diffusion_dp_paper"):
+        cfg = config_mod.compose([f"policy={name}"])
+        assert set(cfg.policy.keys()) - {"name"} == set(POLICIES[cfg.policy.name].DEFAULTS)
+
+
+def test_collect_train_eval_end_to_end(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "d.zarr"
+    assert main(["collect", "task=push_cube", "episodes=4", "collect.num_envs=2", f"dataset={data}"]) == 0
+    assert main(["train", "experiment=push_cube_diffusion", f"dataset={data}", "agent.steps=4",
+                 "agent.checkpoint_every=2", "agent.log_every=2", "agent.warmup_steps=1", "agent.batch_size=8",
+                 "logger.wandb=false", "run_dir=tr"]) == 0
+    assert (tmp_path / "tr" / "checkpoints" / "last" / "model.safetensors").is_file()
+    lines = [json.loads(x) for x in (tmp_path / "tr" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "train/loss" in x] == [2, 4]
+    capsys.readouterr()
+    assert main(["eval", "checkpoint=tr/checkpoints/last", "episodes=3", "eval.num_envs=2", "sampler=ddim:2",
+                 "eval.latency_calls=2", "run_dir=ev"]) == 0
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last_line.endswith("report.json")
+    report = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert report["task"] == "push_cube" and report["episodes"] == 3 and report["seed"] == 0
+    (row,) = report["results"]
+    assert row["policy"] == "diffusion" and row["sampler"] == "ddim:2" and row["episodes"] == 3
+    assert 0.0 <= row["success_ci95"][0] <= row["success_rate"] <= row["success_ci95"][1] <= 1.0
+    assert row["latency_ms_p50"] > 0 and math.isfinite(row["mean_return"])
+
+
+def test_eval_without_checkpoint_is_a_clear_error(capsys):
+    assert main(["eval"]) == 2
+    assert "checkpoint=" in capsys.readouterr().err
+
+
+def test_train_on_missing_dataset_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "dataset=nope.zarr", "logger.wandb=false", "run_dir=x"]) == 2
+    assert "nope.zarr" in capsys.readouterr().err
