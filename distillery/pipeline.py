@@ -218,17 +218,17 @@ def evaluate(cfg: DictConfig, checkpoints: dict[str, str | Path] | None = None,
 def demo(overrides: list[str]) -> Path:
     """collect -> train diffusion and the MLP baseline on the same data -> evaluate both -> report.json."""
     t0 = time.perf_counter()
-    base = config_mod.compose(["experiment=push_cube_demo", *overrides])
+    base = config_mod.compose(["experiment=demo", *overrides])
     root = Path(base.run_dir) if base.run_dir else RUNS_DIR / f"{dt.datetime.now():%Y%m%d-%H%M%S}_demo"
     data = root / "data" / f"{base.task.name}.zarr"
     common = [f"dataset={data}", *overrides]
-    collect(config_mod.compose(["experiment=push_cube_demo", *common, f"run_dir={root / 'collect'}"]))
+    collect(config_mod.compose(["experiment=demo", *common, f"run_dir={root / 'collect'}"]))
     runs = {}
     for policy in ("diffusion", "mlp"):
-        cfg = config_mod.compose(["experiment=push_cube_demo", f"policy={policy}", *common,
+        cfg = config_mod.compose(["experiment=demo", f"policy={policy}", *common,
                                   f"run_dir={root / ('train_' + policy)}"])
         runs[policy] = train(cfg)
-    eval_cfg = config_mod.compose(["experiment=push_cube_demo", *common, f"run_dir={root}"])
+    eval_cfg = config_mod.compose(["experiment=demo", *common, f"run_dir={root}"])
     root.mkdir(parents=True, exist_ok=True)
     report = evaluate(eval_cfg, {p: r for p, r in runs.items()}, run_dir=root)
     print(f"demo finished in {(time.perf_counter() - t0) / 60:.1f} min")

@@ -3,7 +3,9 @@
 ``decay(step) = clip(1 - (1 + step / inv_gamma) ** -power, min_decay, max_decay)`` with power 0.75, inv_gamma 1,
 min 0, max 0.9999: the average follows the raw weights closely early in training (decay 0 at step 0, 0.41 at
 step 1, 0.9 near step 20) and becomes a long average later. ``step`` counts the optimiser steps already taken
-before this update. Floating-point parameters and buffers are averaged; integer buffers (counters) are copied.
+before this update. Trainable parameters are averaged; buffers (normaliser statistics, counters) and frozen
+parameters are copied, as in Diffusion Policy's EMAModel: averaging them would let statistics set after the
+EMA was created drift in only slowly.
 """
 from __future__ import annotations
 
@@ -38,10 +40,12 @@ class EMA:
         state = model.state_dict()
         if state.keys() != self.shadow.keys():
             raise ValueError("EMA.update: model state_dict keys differ from the ones the EMA was built from")
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
         avg_s, avg_m, copy_s, copy_m = [], [], [], []
         for k, s in self.shadow.items():
-            (avg_s if s.is_floating_point() else copy_s).append(s)
-            (avg_m if s.is_floating_point() else copy_m).append(state[k].detach())
+            averaged = k in trainable and s.is_floating_point()
+            (avg_s if averaged else copy_s).append(s)
+            (avg_m if averaged else copy_m).append(state[k].detach())
         if avg_s:
             torch._foreach_lerp_(avg_s, avg_m, 1.0 - d)
         for s, m in zip(copy_s, copy_m):

@@ -201,6 +201,17 @@ def test_epsilon_loss_is_zero_for_oracle_and_not_for_zero_predictor() -> None:
 
 # --------------------------------------------------------------------------------------------- EMA
 
+def test_ema_copies_buffers_instead_of_averaging() -> None:
+    # normaliser statistics set after the EMA was created must take effect at the next update, not drift in
+    p = _policy()
+    ema = EMA(p)
+    p.set_normalizer({"state": {"min": np.full(3, -5.0), "max": np.full(3, 5.0)},
+                      "action": {"min": np.array([-2.0, -0.5]), "max": np.array([2.0, 0.5])}})
+    ema.update(p, step=10**6)  # decay 0.9999
+    for k, v in p.normalizer.state_dict().items():
+        torch.testing.assert_close(ema.state_dict()[f"normalizer.{k}"], v)
+
+
 def test_ema_decay_schedule_and_update() -> None:
     lin = torch.nn.Linear(3, 2)
     ema = EMA(lin)

@@ -1,0 +1,57 @@
+"""Rewrite the README's result tables from the JSON files in ``benchmarks/results/``.
+
+    python benchmarks/readme_tables.py
+
+Each table sits between ``<!-- table:NAME -->`` and ``<!-- /table:NAME -->`` in README.md and is
+generated from ``benchmarks/results/NAME*.json`` (so no number in the README is typed by hand).
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+COLUMNS = {
+    "imitation": [("task", "task", "{}"), ("policy", "policy", "{}"), ("sampler", "sampler", "{}"),
+                  ("success", "success_rate", "{:.3f}"), ("95% CI", "success_ci95", "[{0[0]:.2f}, {0[1]:.2f}]"),
+                  ("mean return", "mean_return", "{:.1f}"), ("ms / chunk (batch 1)", "latency_ms_p50", "{:.2f}"),
+                  ("params", "params", "{:,}"), ("episodes", "episodes", "{}")],
+    "env_throughput": [("task", "task", "{}"), ("envs", "num_envs", "{}"), ("ours steps/s", "ours_steps_per_s",
+                       "{:,.0f}"), ("raw Batch steps/s", "raw_steps_per_s", "{:,.0f}"), ("ratio", "ratio", "{:.2f}")],
+    "policy_latency": [("policy", "policy", "{}"), ("sampler", "sampler", "{}"), ("runtime", "runtime", "{}"),
+                       ("params", "params", "{:,}"), ("ms / chunk p50", "latency_ms_p50", "{:.2f}")],
+}
+
+
+def table(name: str) -> str:
+    files = sorted(RESULTS.glob(f"{name}*.json"))
+    if not files:
+        return f"_no results yet: run the command above to create benchmarks/results/{name}*.json_"
+    cols = COLUMNS[name]
+    lines = ["| " + " | ".join(c[0] for c in cols) + " |", "|" + "---|" * len(cols)]
+    commands = []
+    for f in files:
+        data = json.loads(f.read_text())
+        if data.get("command"):
+            commands.append(data["command"])
+        for row in data["rows"]:
+            lines.append("| " + " | ".join(fmt.format(row[key]) if key in row else "" for _, key, fmt in cols) + " |")
+    src = ", ".join(f"`{f.relative_to(ROOT)}`" for f in files)
+    return "\n".join(lines) + f"\n\n<sub>Generated from {src}" + \
+        (f" by `{'`, `'.join(commands)}`" if commands else "") + ".</sub>"
+
+
+def main() -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    for name in COLUMNS:
+        pattern = re.compile(rf"(<!-- table:{name} -->).*?(<!-- /table:{name} -->)", re.S)
+        text = pattern.sub(lambda m: m.group(1) + "\n" + table(name) + "\n" + m.group(2), text)
+    readme.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
