@@ -136,7 +136,7 @@ class Policy(nn.Module):
         self.normalizer.set_stats(stats)
 
     def check_obs(self, obs: Mapping[str, Any], time_axis: bool = True) -> dict[str, Tensor]:
-        """Validate ``obs[k]`` as ``(B, To, *shape)`` (or ``(B, *shape)`` with ``time_axis=False``); float32 on device."""
+        """Check ``obs[k]`` is ``(B, To, *shape)`` (``(B, *shape)`` if not ``time_axis``); float32 on our device."""
         out: dict[str, Tensor] = {}
         batch = None
         for k in self.obs_keys:
@@ -163,8 +163,9 @@ class Policy(nn.Module):
         action = torch.as_tensor(batch["action"]).to(device=self.device, dtype=torch.float32)
         b = next(iter(obs.values())).shape[0]
         if tuple(action.shape) != (b, self.pred_horizon, self.action_dim):
-            raise ValueError(f"batch['action'] has shape {tuple(action.shape)}; expected (B={b}, Tp={self.pred_horizon},"
-                             f" Da={self.action_dim}). Build the dataset with pred_horizon={self.pred_horizon}")
+            raise ValueError(f"batch['action'] has shape {tuple(action.shape)}; expected (B={b}, "
+                             f"Tp={self.pred_horizon}, Da={self.action_dim}). Build the dataset with "
+                             f"pred_horizon={self.pred_horizon}")
         return self.normalizer.normalize_dict(obs), self.normalizer.normalize("action", action)
 
     @torch.no_grad()

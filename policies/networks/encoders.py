@@ -52,7 +52,7 @@ GROUP_ENCODERS: dict[str, GroupEncoderFactory] = {}
 
 
 def register_group_encoder(kind: str, factory: GroupEncoderFactory) -> None:
-    """``factory(spec, group_cfg) -> module`` with attribute ``out_dim`` mapping ``(N, *spec.shape) -> (N, out_dim)``."""
+    """``factory(spec, group_cfg) -> module`` with ``out_dim``, mapping ``(N, *spec.shape) -> (N, out_dim)``."""
     GROUP_ENCODERS[kind] = factory
 
 

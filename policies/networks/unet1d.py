@@ -94,8 +94,8 @@ class ConditionalUnet1D(nn.Module):
         cond_dim = step_embed_dim + global_cond_dim
         block = lambda ci, co: ConditionalResidualBlock1D(ci, co, cond_dim, kernel_size, n_groups, act)  # noqa: E731
 
-        self.step_encoder = nn.Sequential(SinusoidalPosEmb(step_embed_dim), nn.Linear(step_embed_dim, 4 * step_embed_dim),
-                                          act(), nn.Linear(4 * step_embed_dim, step_embed_dim))
+        d = step_embed_dim
+        self.step_encoder = nn.Sequential(SinusoidalPosEmb(d), nn.Linear(d, 4 * d), act(), nn.Linear(4 * d, d))
         dims = [action_dim] + down_dims
         in_out = list(zip(dims[:-1], dims[1:]))
         self.down = nn.ModuleList()
@@ -125,7 +125,8 @@ class ConditionalUnet1D(nn.Module):
         if x.dim() != 3 or x.shape[-1] != self.action_dim:
             raise ValueError(f"ConditionalUnet1D expects x of shape (B, Tp, {self.action_dim}), got {tuple(x.shape)}")
         if global_cond.shape != (x.shape[0], self.global_cond_dim):
-            raise ValueError(f"global_cond must be ({x.shape[0]}, {self.global_cond_dim}), got {tuple(global_cond.shape)}")
+            raise ValueError(f"global_cond must be ({x.shape[0]}, {self.global_cond_dim}), "
+                             f"got {tuple(global_cond.shape)}")
         self.check_horizon(x.shape[1])
         timestep = timestep.expand(x.shape[0]) if timestep.dim() == 0 else timestep
         cond = torch.cat([self.step_encoder(timestep), global_cond], dim=-1)
