@@ -53,7 +53,7 @@ def bench(task: str, num_envs: int, seconds: float, repeats: int) -> dict[str, f
 
     raw_batch = mujoco.batch.Batch(env.backend.model, num_envs, env.backend.nthread)
     raw_ctrl = raw_batch.bind("ctrl")
-    ctrl_pool = [env.task.action_to_ctrl(a).numpy() for a in pool]
+    ctrl_pool = [env.task.action_to_ctrl(a, env.backend.state).numpy() for a in pool]
     decimation = env.decimation
 
     def raw() -> None:

@@ -65,6 +65,7 @@ class EvalSchema:
 @dataclass
 class CollectSchema:
     num_envs: int = MISSING
+    action_noise: float = MISSING
 
 
 @dataclass
@@ -156,7 +157,7 @@ def _check_choices(cfg: DictConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
-    for key in ("expert_noise", "agent.lr", "agent.weight_decay", "agent.warmup_steps", "agent.eval_every",
+    for key in ("expert_noise", "collect.action_noise", "agent.lr", "agent.weight_decay", "agent.warmup_steps", "agent.eval_every",
                 "eval.video_episodes"):
         value = OmegaConf.select(cfg, key)
         if value < 0:

@@ -71,7 +71,7 @@ def collect(cfg: DictConfig) -> Path:
     expert = make_expert(cfg.task.name, num_envs, noise=float(cfg.expert_noise), seed=int(cfg.seed))
     meta = {"task": cfg.task.name, "expert_noise": float(cfg.expert_noise), "seed": int(cfg.seed),
             "control_dt": env.control_dt, "max_episode_steps": env.max_episode_steps,
-            "collect_num_envs": num_envs}
+            "collect_num_envs": num_envs, "action_noise": float(cfg.collect.action_noise)}
     have = EpisodeDataset(path).num_episodes if (path / "zarr.json").exists() and _committed(path) else 0
     todo = int(cfg.episodes) - have
     played = []
@@ -81,7 +81,8 @@ def collect(cfg: DictConfig) -> Path:
             # waves already written are skipped by seeding from the next wave index
             first_wave = have // num_envs
             seed = int(cfg.seed) + 7919 * first_wave
-            for wave in run_waves(env, expert, todo, seed, record=True):
+            for wave in run_waves(env, expert, todo, seed, record=True,
+                                  action_noise=float(cfg.collect.action_noise)):
                 for ep in wave:
                     writer.append(ep.obs, ep.action, ep.reward, ep.terminated, ep.truncated)
                 played.extend(wave)

@@ -54,13 +54,18 @@ def wave_seed(seed: int, wave: int) -> int:
 
 
 def run_waves(env: BatchedEnv, actor: Actor, episodes: int, seed: int, record: bool = False,
-              render_episodes: int = 0, render_size: int = 160) -> Iterator[list[Episode]]:
+              render_episodes: int = 0, render_size: int = 160,
+              action_noise: float = 0.0) -> Iterator[list[Episode]]:
     """Yield the episodes of each wave (env order) until ``episodes`` have been played.
 
     Args:
         record: keep observations and actions (collection); otherwise only rewards and flags.
         render_episodes: render RGB frames of this many episodes of the first wave (videos).
+        action_noise: std of Gaussian noise added to the *executed* action while the actor's own action is
+            what gets recorded (DART, Laskey et al. 2017): demonstrations then visit the states a learner's
+            small errors lead to, labelled with the expert's correction.
     """
+    noise_gen = torch.Generator().manual_seed(wave_seed(seed, 1 << 30))  # a stream apart from the reset seeds
     n = env.num_envs
     T = env.max_episode_steps
     done_total = 0
@@ -91,6 +96,8 @@ def run_waves(env: BatchedEnv, actor: Actor, episodes: int, seed: int, record: b
                 for g, v in obs.items():
                     obs_buf[g][ids, t] = v[ids].float()
                 act_buf[ids, t] = action[ids].float()
+            if action_noise > 0:
+                action = action + action_noise * torch.randn(action.shape, generator=noise_gen)
             obs, reward, terminated, truncated, _ = env.step(action)
             rew[ids, t] = reward[ids].float()
             term[ids, t] = terminated[ids]

@@ -84,8 +84,10 @@ class Task(abc.ABC):
         """Per-env spec of every observation group (no batch axis)."""
 
     @abc.abstractmethod
-    def action_to_ctrl(self, action: torch.Tensor) -> torch.Tensor:
-        """Map clipped normalised actions (N, Da) in [-1, 1] to actuator controls (N, nu) float64."""
+    def action_to_ctrl(self, action: torch.Tensor, state: SimState) -> torch.Tensor:
+        """Map clipped normalised actions (N, Da) in [-1, 1] to actuator controls (N, nu) float64.
+
+        ``state`` is the state the action is applied in (for actions relative to the current pose)."""
 
     @abc.abstractmethod
     def sample_reset(self, ids: torch.Tensor, generator: torch.Generator,
@@ -230,7 +232,7 @@ class BatchedEnv:
             raise RuntimeError("call reset() before step()")
         action = self._check_action(action)
         state = self.backend.state
-        state.ctrl.copy_(self.task.action_to_ctrl(action))
+        state.ctrl.copy_(self.task.action_to_ctrl(action, state))
         self.backend.step(self.decimation)
         self._elapsed += 1
         obs, reward, success = self.task.compute(state)

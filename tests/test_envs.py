@@ -82,10 +82,13 @@ def test_out_of_range_actions_are_clipped() -> None:
     a, b = make_env("push_cube", 2, seed=4), make_env("push_cube", 2, seed=4)
     a.reset(), b.reset()
     for _ in range(3):
+        pusher = a.backend.state.qpos[0, 0:2].clone()
         obs_a = a.step(torch.tensor([[5.0, -3.0], [0.2, 1.5]]))[0]
         obs_b = b.step(torch.tensor([[1.0, -1.0], [0.2, 1.0]]))[0]
     assert torch.equal(obs_a["privileged"], obs_b["privileged"])
-    assert torch.equal(a.backend.state.ctrl[0], torch.tensor([0.3, -0.3], dtype=torch.float64))
+    # push_cube actions are targets relative to the pusher: +-1 is +-5 cm from where it was
+    expected = pusher + torch.tensor([0.05, -0.05], dtype=torch.float64)
+    assert torch.equal(a.backend.state.ctrl[0], expected)
 
 
 def test_unknown_names_and_reserved_backends() -> None:
@@ -193,8 +196,8 @@ def test_parity_with_single_mjdata_loop(task: str) -> None:
         datas.append(d)
     actions = _random_actions(n, env.task.act_dim, steps, seed=9)
     for t in range(steps):
+        ctrl = env.task.action_to_ctrl(actions[t], state).numpy()  # from the state the action is applied in
         env.step(actions[t])
-        ctrl = env.task.action_to_ctrl(actions[t]).numpy()
         for i, d in enumerate(datas):
             d.ctrl[:] = ctrl[i]
             for _ in range(env.decimation):

@@ -63,7 +63,7 @@ class LiftCubeTask(Task):
                 "cube height above start, hold progress in [0, 1]")),
         }
 
-    def action_to_ctrl(self, action: torch.Tensor) -> torch.Tensor:
+    def action_to_ctrl(self, action: torch.Tensor, state: SimState) -> torch.Tensor:
         a = action.to(torch.float64)
         half_width = (a[:, 4:5] + 1.0) * (WIDTH_MAX / 4)
         return torch.cat([a[:, 0:2] * XY_HALF, (a[:, 2:3] + 1.0) * (Z_MAX / 2), a[:, 3:4] * YAW_HALF,

@@ -2,11 +2,12 @@
 
 Model (push_cube.xml): table plane; a capsule pusher (radius 1.5 cm, 1 kg) on two slide joints x, y, hovering
 5 mm above the table so its only contact is the cube; PD position actuators (kp 200, kv 25, |force| <= 15 N)
-track absolute xy targets; a free 0.1 kg cube (friction 0.5 on the table, 0.3 against the pusher). Timestep
+track xy targets; a free 0.1 kg cube (friction 0.5 on the table, 0.3 against the pusher). Timestep
 5 ms, ``decimation`` 20 physics steps per control step -> 10 Hz control (kwarg); ``max_episode_steps`` 200
 (20 s, kwarg). Contacts: at most cube-table (4) + cube-pusher (1).
 
-Action (2,): absolute pusher target xy, normalised: target = 0.3 m * action, action in [-1, 1].
+Action (2,): pusher target relative to the pusher's current position, normalised:
+target = pusher xy + 0.05 m * action (clipped to the +-0.3 m workspace), action in [-1, 1].
 
 Reset distribution (from the env's seeded generator): cube and goal centres uniform in [-0.18, 0.18]^2 m with
 cube-goal distance >= ``min_goal_distance`` (0.1 m); cube yaw uniform in [-pi, pi), goal yaw in [-pi/4, pi/4)

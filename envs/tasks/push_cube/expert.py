@@ -16,8 +16,8 @@ Idea (re-planned every control step from ``obs["privileged"]``):
    direction of the orbit is the episode's random ``side`` (+1 counter-clockwise, -1 clockwise), drawn from
    the expert's seeded generator at reset: demonstrations are multimodal.
 
-All geometry is in metres in the world frame; the action is the pusher target divided by the workspace half
-extent.
+All geometry is in metres in the world frame; the action is the target's offset from the pusher divided by
+``MAX_DELTA`` (the env's relative action scale).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import math
 import torch
 
 from distillery.envs.tasks.common import wrap_angle, wrap_quarter_turn
-from distillery.envs.tasks.push_cube.task import CUBE_HALF, PUSHER_RADIUS, WORKSPACE_HALF
+from distillery.envs.tasks.push_cube.task import CUBE_HALF, MAX_DELTA, PUSHER_RADIUS, WORKSPACE_HALF
 
 _LOOKAHEAD = 0.10  # carrot distance on the approach line
 _FACE_SWITCH = math.radians(70.0)  # re-choose the pushed face beyond this heading error
@@ -69,7 +69,7 @@ class PushCubeExpert:
         self.axis = torch.full((num_envs,), -1, dtype=torch.int64)  # goal face index k, -1 = choose anew
         self.face = torch.full((num_envs,), torch.nan, dtype=torch.float64)  # world angle of the pushed face
         self.perturb_left = torch.zeros(num_envs, dtype=torch.int64)
-        self.perturb_target = torch.zeros(num_envs, 2)
+        self.perturb_target = torch.zeros(num_envs, 2, dtype=torch.float64)
         self.reset()
 
     def reset(self, mask: torch.Tensor | None = None) -> None:
@@ -86,9 +86,11 @@ class PushCubeExpert:
         out_device = priv.device
         priv = priv.detach().cpu().double()
         target = self._target(priv)
-        action = (target / WORKSPACE_HALF).float()
         if self.noise > 0:
-            action = self._perturb(action, priv)
+            target = self._perturb(target, priv)
+        action = ((target - priv[:, 0:2]) / MAX_DELTA).float()
+        if self.noise > 0:
+            action = action + self.noise * torch.randn(self.num_envs, 2, generator=self.generator)
         return action.clamp(-1.0, 1.0).to(out_device)
 
     # ------------------------------------------------------------------ controller
@@ -166,15 +168,14 @@ class PushCubeExpert:
 
         return torch.where(aligned[:, None], push_target, reposition)
 
-    def _perturb(self, action: torch.Tensor, priv: torch.Tensor) -> torch.Tensor:
+    def _perturb(self, target: torch.Tensor, priv: torch.Tensor) -> torch.Tensor:
+        """Occasionally replace the target (metres) by a random point near the pusher, held for a few steps."""
         n = self.num_envs
         start = (self.perturb_left == 0) & (torch.rand(n, generator=self.generator) < min(0.05, 0.25 * self.noise))
         length = torch.randint(2, 7, (n,), generator=self.generator)
-        offset = (torch.rand(n, 2, generator=self.generator) * 2 - 1) * 0.3
-        self.perturb_target = torch.where(start[:, None], priv[:, 0:2].float() / WORKSPACE_HALF + offset,
-                                          self.perturb_target)
+        offset = (torch.rand(n, 2, generator=self.generator, dtype=torch.float64) * 2 - 1) * 0.09
+        self.perturb_target = torch.where(start[:, None], priv[:, 0:2] + offset, self.perturb_target)
         self.perturb_left = torch.where(start, length, self.perturb_left)
         active = self.perturb_left > 0
         self.perturb_left = (self.perturb_left - 1).clamp(min=0)
-        action = torch.where(active[:, None], self.perturb_target, action)
-        return action + self.noise * torch.randn(n, 2, generator=self.generator)
+        return torch.where(active[:, None], self.perturb_target, target).clamp(-WORKSPACE_HALF, WORKSPACE_HALF)
