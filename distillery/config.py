@@ -58,6 +58,7 @@ class BCSchema:
 @dataclass
 class EvalSchema:
     num_envs: int = MISSING
+    sampler_episodes: dict[str, int] = MISSING
     latency_calls: int = MISSING
     video_episodes: int = MISSING
 
@@ -153,7 +154,8 @@ def _check_choices(cfg: DictConfig) -> None:
     positive = {"episodes": cfg.episodes, "agent.steps": cfg.agent.steps, "agent.batch_size": cfg.agent.batch_size,
                 "eval.num_envs": cfg.eval.num_envs, "collect.num_envs": cfg.collect.num_envs,
                 "agent.checkpoint_every": cfg.agent.checkpoint_every, "agent.log_every": cfg.agent.log_every,
-                "eval.latency_calls": cfg.eval.latency_calls}
+                "eval.latency_calls": cfg.eval.latency_calls,
+                **{f"eval.sampler_episodes.{k}": v for k, v in cfg.eval.sampler_episodes.items()}}
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")

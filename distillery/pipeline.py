@@ -190,14 +190,14 @@ def evaluate(cfg: DictConfig, checkpoints: dict[str, str | Path] | None = None,
         # evaluate on the task (and episode settings) the policy was trained for
         task_cfg = meta["config"]["task"]
         tasks.add(task_cfg["name"])
-        num_envs = min(int(cfg.eval.num_envs), int(cfg.episodes))
-        env = env_from_config(task_cfg, num_envs, cfg.seed)
         latency_env = env_from_config(task_cfg, 1, cfg.seed)
         for sampler in config_mod.samplers(cfg, policy.name):
             s = None if sampler == "direct" else sampler
+            episodes = int(cfg.eval.sampler_episodes.get(sampler, cfg.episodes))
+            env = env_from_config(task_cfg, min(int(cfg.eval.num_envs), episodes), cfg.seed)
             t0 = time.perf_counter()
-            bar = _progress(int(cfg.episodes), f"eval {label or policy.name} {sampler}")
-            summary, played = evaluate_policy(policy, env, int(cfg.episodes), int(cfg.seed), s, bar,
+            bar = _progress(episodes, f"eval {label or policy.name} {sampler}")
+            summary, played = evaluate_policy(policy, env, episodes, int(cfg.seed), s, bar,
                                               int(cfg.eval.video_episodes))
             bar.close()
             latency = measure_latency(policy, latency_env, s, int(cfg.eval.latency_calls))
@@ -208,7 +208,7 @@ def evaluate(cfg: DictConfig, checkpoints: dict[str, str | Path] | None = None,
             for i, ep in enumerate(e for e in played if e.frames):
                 save_video(ep.frames, run_dir / f"video_{row['policy']}_{sampler.replace(':', '-')}_{i}.gif",
                            fps=1.0 / env.control_dt)
-        env.close()
+            env.close()
         latency_env.close()
     path = write_report(run_dir, ",".join(sorted(tasks)), int(cfg.episodes), int(cfg.seed), results)
     print(format_table(results))

@@ -65,7 +65,7 @@ class Policy(nn.Module):
     DEFAULTS: ClassVar[dict[str, Any]] = {
         "obs_horizon": 2,
         "pred_horizon": 16,
-        "action_horizon": 8,
+        "action_horizon": 2,  # see configs/policy/diffusion.yaml for why not 8
         "obs_keys": ["state"],
         # "limits" | "gaussian" | "identity", or a {group: mode} mapping
         "obs_norm": "limits",

@@ -5,6 +5,7 @@ import json
 import math
 
 import pytest
+from omegaconf import OmegaConf
 
 from distillery import config as config_mod
 from distillery.cli import main
@@ -48,6 +49,9 @@ def test_policy_yaml_lists_every_policy_key():
     for name in ("diffusion", "mlp", "diffusion_dp_paper"):
         cfg = config_mod.compose([f"policy={name}"])
         assert set(cfg.policy.keys()) - {"name"} == set(POLICIES[cfg.policy.name].DEFAULTS)
+    for name in ("diffusion", "mlp"):  # and the default files hold the class defaults: one set of defaults
+        cfg = OmegaConf.to_container(config_mod.compose([f"policy={name}"]).policy)
+        assert {k: v for k, v in cfg.items() if k != "name"} == POLICIES[name].DEFAULTS
 
 
 def test_collect_train_eval_end_to_end(tmp_path, monkeypatch, capsys):
