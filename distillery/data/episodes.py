@@ -40,6 +40,7 @@ import numpy as np
 import zarr
 
 from distillery.specs import ObservationSpec, TensorSpec, obs_spec_from_json, obs_spec_to_json
+from distillery.utils import fsync_path
 
 FORMAT_VERSION = 1
 """Bumped on any incompatible change of the store layout; readers refuse other versions."""
@@ -83,14 +84,6 @@ def _check_json(meta: Mapping[str, Any]) -> dict[str, Any]:
             f"dataset meta must be JSON-compatible (str keys; str/int/float/bool/None/list/dict values, finite "
             f"floats): {e}. Convert numpy scalars with float()/int() and specs with to_json()."
         ) from e
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class EpisodeWriter:
@@ -330,8 +323,8 @@ class EpisodeWriter:
         if self.durable:
             os.sync()  # push data chunks to disk before the commit can become durable
         self._root.attrs.update({_COMMIT_KEY: {"num_episodes": self.num_episodes, "num_steps": self.num_steps}})
-        _fsync_path(self.path / "zarr.json")
-        _fsync_path(self.path)
+        fsync_path(self.path / "zarr.json")
+        fsync_path(self.path)
 
     # ---------------------------------------------------------------- close
     def close(self) -> None:

@@ -26,6 +26,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from distillery.utils import atomic_write_text, fsync_path
+
 MODEL_FILE = "model.safetensors"
 META_FILE = "meta.json"
 CHECKPOINT_FORMAT = 1
@@ -35,29 +37,6 @@ _STEP_RE = re.compile(r"(\d+)$")
 
 
 # --------------------------------------------------------------------------- atomic files
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` via a fsync-ed temp file + ``os.replace`` (all-or-nothing)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync(path.parent)
-
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -105,17 +84,17 @@ def save_checkpoint(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor]
             "sha256": _sha256(tmp / MODEL_FILE), "bytes": (tmp / MODEL_FILE).stat().st_size}}}
         (tmp / META_FILE).write_text(json.dumps(full_meta, indent=1), encoding="utf-8")
         for f in (tmp / MODEL_FILE, tmp / META_FILE, tmp):
-            _fsync(f)
+            fsync_path(f)
         if path.exists() or path.is_symlink():
             # rename() cannot replace a non-empty directory: move the old one aside first. If we die between
             # the two renames, _recover() finishes the swap (".old-<id>" proves ".new-<id>" is complete).
             os.replace(path, old)
             os.replace(tmp, path)
-            _fsync(path.parent)
+            fsync_path(path.parent)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
-            _fsync(path.parent)
+            fsync_path(path.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -298,7 +277,7 @@ def update_link(link_path: str | os.PathLike, target: str | os.PathLike) -> None
     finally:
         if tmp.is_symlink():
             tmp.unlink()
-    _fsync(link_path.parent)
+    fsync_path(link_path.parent)
 
 
 def _is_checkpoint(p: Path) -> bool:

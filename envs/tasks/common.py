@@ -35,3 +35,39 @@ def uniform(generator: torch.Generator, shape: tuple[int, ...], low: float, high
             dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Uniform draws in [low, high) from ``generator`` (CPU) so seeded resets are reproducible."""
     return torch.rand(shape, generator=generator, dtype=dtype) * (high - low) + low
+
+
+class ScriptedExpert:
+    """Base of the tasks' scripted experts: batch size, seeded generator and the ``noise`` knob.
+
+    ``noise`` > 0 makes mixed-quality demonstrations: :meth:`hold_random` occasionally replaces the
+    command by a random one held for a few steps, and subclasses add Gaussian action noise of that std.
+    """
+
+    act_dim: int
+
+    def __init__(self, num_envs: int, noise: float = 0.0, seed: int = 0) -> None:
+        if noise < 0:
+            raise ValueError(f"noise must be >= 0, got {noise}")
+        self.num_envs = num_envs
+        self.noise = float(noise)
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self.perturb_left = torch.zeros(num_envs, dtype=torch.int64)
+        self.perturb_value: torch.Tensor | None = None
+
+    def reset_perturbations(self, mask: torch.Tensor) -> None:
+        self.perturb_left = torch.where(mask, 0, self.perturb_left)
+
+    def hold_random(self, value: torch.Tensor, spread: float) -> torch.Tensor:
+        """With probability min(0.05, noise / 4) per step, replace ``value`` (N, D) by ``value`` plus a
+        uniform offset in [-spread, spread] and hold that for 2-6 steps."""
+        n = self.num_envs
+        start = (self.perturb_left == 0) & (torch.rand(n, generator=self.generator) < min(0.05, 0.25 * self.noise))
+        length = torch.randint(2, 7, (n,), generator=self.generator)
+        offset = (torch.rand(value.shape, generator=self.generator, dtype=value.dtype) * 2 - 1) * spread
+        held = self.perturb_value if self.perturb_value is not None else value
+        self.perturb_value = torch.where(start[:, None], value + offset, held)
+        self.perturb_left = torch.where(start, length, self.perturb_left)
+        active = self.perturb_left > 0
+        self.perturb_left = (self.perturb_left - 1).clamp(min=0)
+        return torch.where(active[:, None], self.perturb_value, value)

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from distillery.envs.tasks.common import wrap_angle, wrap_quarter_turn
+from distillery.envs.tasks.common import ScriptedExpert, wrap_angle, wrap_quarter_turn
 from distillery.envs.tasks.lift_cube.task import GRASP_OFFSET_Z, WIDTH_MAX, XY_HALF, YAW_HALF, Z_MAX
 
 _HOVER_Z = 0.07
@@ -27,7 +27,7 @@ _MAX_Z_STEP = 0.03
 APPROACH, DESCEND, CLOSE, LIFT = 0, 1, 2, 3
 
 
-class LiftCubeExpert:
+class LiftCubeExpert(ScriptedExpert):
     """Grasp-and-lift controller; see the module docstring.
 
     Args:
@@ -39,22 +39,16 @@ class LiftCubeExpert:
     act_dim = 5
 
     def __init__(self, num_envs: int, noise: float = 0.0, seed: int = 0) -> None:
-        if noise < 0:
-            raise ValueError(f"noise must be >= 0, got {noise}")
-        self.num_envs = num_envs
-        self.noise = float(noise)
-        self.generator = torch.Generator().manual_seed(int(seed))
+        super().__init__(num_envs, noise, seed)
         self.phase = torch.zeros(num_envs, dtype=torch.int64)
         self.timer = torch.zeros(num_envs, dtype=torch.int64)
-        self.perturb_left = torch.zeros(num_envs, dtype=torch.int64)
-        self.perturb_action = torch.zeros(num_envs, 5)
 
     def reset(self, mask: torch.Tensor | None = None) -> None:
         """Restart the phase machine of envs where ``mask`` (N,) is True (all if None)."""
         mask = torch.ones(self.num_envs, dtype=torch.bool) if mask is None else mask.cpu()
         self.phase = torch.where(mask, APPROACH, self.phase)
         self.timer = torch.where(mask, 0, self.timer)
-        self.perturb_left = torch.where(mask, 0, self.perturb_left)
+        self.reset_perturbations(mask)
 
     def __call__(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
         priv = obs["privileged"]
@@ -62,7 +56,8 @@ class LiftCubeExpert:
         priv = priv.detach().cpu().double()
         action = self._action(priv).float()
         if self.noise > 0:
-            action = self._perturb(action)
+            action = self.hold_random(action, 0.3)
+            action = action + self.noise * torch.randn(self.num_envs, 5, generator=self.generator)
         return action.clamp(-1.0, 1.0).to(out_device)
 
     def _action(self, priv: torch.Tensor) -> torch.Tensor:
@@ -110,15 +105,3 @@ class LiftCubeExpert:
         z = grip[:, 2] + (tz - grip[:, 2]).clamp(-_MAX_Z_STEP, _MAX_Z_STEP)
         return torch.stack([xy[:, 0] / XY_HALF, xy[:, 1] / XY_HALF, z * (2 / Z_MAX) - 1.0, yaw / YAW_HALF,
                             width * (2 / WIDTH_MAX) - 1.0], dim=1)
-
-    def _perturb(self, action: torch.Tensor) -> torch.Tensor:
-        n = self.num_envs
-        start = (self.perturb_left == 0) & (torch.rand(n, generator=self.generator) < min(0.05, 0.25 * self.noise))
-        length = torch.randint(2, 7, (n,), generator=self.generator)
-        offset = (torch.rand(n, 5, generator=self.generator) * 2 - 1) * 0.3
-        self.perturb_action = torch.where(start[:, None], action + offset, self.perturb_action)
-        self.perturb_left = torch.where(start, length, self.perturb_left)
-        active = self.perturb_left > 0
-        self.perturb_left = (self.perturb_left - 1).clamp(min=0)
-        action = torch.where(active[:, None], self.perturb_action, action)
-        return action + self.noise * torch.randn(n, 5, generator=self.generator)

@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from distillery.envs.tasks.common import wrap_angle, wrap_quarter_turn
+from distillery.envs.tasks.common import ScriptedExpert, wrap_angle, wrap_quarter_turn
 from distillery.envs.tasks.push_cube.task import CUBE_HALF, MAX_DELTA, PUSHER_RADIUS, WORKSPACE_HALF
 
 _LOOKAHEAD = 0.10  # carrot distance on the approach line
@@ -47,7 +47,7 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(dim=1)
 
 
-class PushCubeExpert:
+class PushCubeExpert(ScriptedExpert):
     """Push-to-pose feedback controller; see the module docstring.
 
     Args:
@@ -60,16 +60,10 @@ class PushCubeExpert:
     act_dim = 2
 
     def __init__(self, num_envs: int, noise: float = 0.0, seed: int = 0) -> None:
-        if noise < 0:
-            raise ValueError(f"noise must be >= 0, got {noise}")
-        self.num_envs = num_envs
-        self.noise = float(noise)
-        self.generator = torch.Generator().manual_seed(int(seed))
+        super().__init__(num_envs, noise, seed)
         self.side = torch.ones(num_envs)
         self.axis = torch.full((num_envs,), -1, dtype=torch.int64)  # goal face index k, -1 = choose anew
         self.face = torch.full((num_envs,), torch.nan, dtype=torch.float64)  # world angle of the pushed face
-        self.perturb_left = torch.zeros(num_envs, dtype=torch.int64)
-        self.perturb_target = torch.zeros(num_envs, 2, dtype=torch.float64)
         self.reset()
 
     def reset(self, mask: torch.Tensor | None = None) -> None:
@@ -79,7 +73,7 @@ class PushCubeExpert:
         self.side = torch.where(mask, draws, self.side)
         self.axis = torch.where(mask, -1, self.axis)
         self.face = torch.where(mask, torch.nan, self.face)
-        self.perturb_left = torch.where(mask, 0, self.perturb_left)
+        self.reset_perturbations(mask)
 
     def __call__(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
         priv = obs["privileged"]
@@ -87,7 +81,7 @@ class PushCubeExpert:
         priv = priv.detach().cpu().double()
         target = self._target(priv)
         if self.noise > 0:
-            target = self._perturb(target, priv)
+            target = self.hold_random(target, 0.09).clamp(-WORKSPACE_HALF, WORKSPACE_HALF)
         action = ((target - priv[:, 0:2]) / MAX_DELTA).float()
         if self.noise > 0:
             action = action + self.noise * torch.randn(self.num_envs, 2, generator=self.generator)
@@ -167,15 +161,3 @@ class PushCubeExpert:
         reposition = q + move * (_MAX_STEP / move_len.clamp(min=_MAX_STEP))
 
         return torch.where(aligned[:, None], push_target, reposition)
-
-    def _perturb(self, target: torch.Tensor, priv: torch.Tensor) -> torch.Tensor:
-        """Occasionally replace the target (metres) by a random point near the pusher, held for a few steps."""
-        n = self.num_envs
-        start = (self.perturb_left == 0) & (torch.rand(n, generator=self.generator) < min(0.05, 0.25 * self.noise))
-        length = torch.randint(2, 7, (n,), generator=self.generator)
-        offset = (torch.rand(n, 2, generator=self.generator, dtype=torch.float64) * 2 - 1) * 0.09
-        self.perturb_target = torch.where(start[:, None], priv[:, 0:2] + offset, self.perturb_target)
-        self.perturb_left = torch.where(start, length, self.perturb_left)
-        active = self.perturb_left > 0
-        self.perturb_left = (self.perturb_left - 1).clamp(min=0)
-        return torch.where(active[:, None], self.perturb_target, target).clamp(-WORKSPACE_HALF, WORKSPACE_HALF)
