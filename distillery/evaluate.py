@@ -32,8 +32,8 @@ class PolicyActor:
         self.policy, self.sampler = policy, sampler
         self.generator = torch.Generator().manual_seed(int(seed))
 
-    def __call__(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.policy.act(obs, sampler=self.sampler, generator=self.generator)
+    def __call__(self, obs: dict[str, torch.Tensor], active: torch.Tensor | None = None) -> torch.Tensor:
+        return self.policy.act(obs, sampler=self.sampler, generator=self.generator, mask=active)
 
     def reset(self, mask: torch.Tensor | None = None) -> None:
         self.policy.reset(mask)

@@ -20,7 +20,8 @@ from distillery.envs import BatchedEnv
 class Actor(Protocol):
     """Anything that maps a batch of observations to actions and can forget per-env state."""
 
-    def __call__(self, obs: dict[str, torch.Tensor]) -> torch.Tensor: ...
+    def __call__(self, obs: dict[str, torch.Tensor], active: torch.Tensor | None = None) -> torch.Tensor:
+        """Actions (N, Da) for all envs; rows where ``active`` (N,) is False may be anything (not counted)."""
 
     def reset(self, mask: torch.Tensor | None = None) -> None: ...
 
@@ -91,7 +92,7 @@ def run_waves(env: BatchedEnv, actor: Actor, episodes: int, seed: int, record: b
                 for i, img in enumerate(env.render(list(range(len(frames))), render_size, render_size)):
                     if bool(active[i]):
                         frames[i].append(img)
-            action = actor(obs)
+            action = actor(obs, active)
             if record:
                 for g, v in obs.items():
                     obs_buf[g][ids, t] = v[ids].float()

@@ -198,11 +198,13 @@ class Policy(nn.Module):
 
     @torch.no_grad()
     def act(self, obs: Mapping[str, Any], sampler: str | None = None,
-            generator: torch.Generator | None = None) -> Tensor:
+            generator: torch.Generator | None = None, mask: Tensor | None = None) -> Tensor:
         """One control step: ``obs {k: (B, *shape)}`` -> action ``(B, Da)`` on the observations' device.
 
         Envs whose queue is empty re-plan (only those rows go through the network); after a reset an env's
         history is filled by repeating its first observation, as Diffusion Policy's env runner does.
+        ``mask (B,)``: envs whose action is wanted; the others never re-plan (their rows of the result are
+        stale), which saves the network calls of envs an evaluation no longer counts.
         """
         x = self.check_obs(obs, time_axis=False)
         out_device = torch.as_tensor(obs[self.obs_keys[0]]).device
@@ -222,6 +224,8 @@ class Policy(nn.Module):
             self._fresh.zero_()
         assert self._queue is not None and self._queue_idx is not None
         need = self._queue_idx >= self.action_horizon
+        if mask is not None:
+            need &= torch.as_tensor(mask, dtype=torch.bool, device=dev)
         if bool(need.all()):
             self._queue = self.predict_chunk(self._hist, sampler, generator)
             self._queue_idx.zero_()
@@ -229,8 +233,9 @@ class Policy(nn.Module):
             rows = need.nonzero().squeeze(1)
             self._queue[rows] = self.predict_chunk({k: h[rows] for k, h in self._hist.items()}, sampler, generator)
             self._queue_idx[rows] = 0
-        action = self._queue[torch.arange(b, device=dev), self._queue_idx]
-        self._queue_idx += 1
+        # masked-out envs may have run past their queue: hold them at its end until they re-plan
+        action = self._queue[torch.arange(b, device=dev), self._queue_idx.clamp(max=self.action_horizon - 1)]
+        self._queue_idx = (self._queue_idx + 1).clamp(max=self.action_horizon)
         return action.to(out_device)
 
     # ------------------------------------------------------------------------------------------ metadata

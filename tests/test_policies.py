@@ -123,7 +123,7 @@ def test_normalizer_errors() -> None:
 def test_contract_shapes_loss_and_bounds(name: str) -> None:
     torch.manual_seed(0)
     p = make_policy(name, OBS, ACT, SMALL if name == "diffusion" else {})
-    assert (p.obs_horizon, p.pred_horizon, p.action_horizon, p.obs_keys) == (2, 16, 8, ["state"])
+    assert (p.obs_horizon, p.pred_horizon, p.action_horizon, p.obs_keys) == (2, 16, 2, ["state"])
     with pytest.raises(RuntimeError, match="set_normalizer"):
         p.loss({"obs": {"state": torch.randn(4, 2, 10)}, "action": torch.zeros(4, 16, 2)})
     p.set_normalizer(stats(lo=-0.5, hi=0.5))
@@ -132,7 +132,7 @@ def test_contract_shapes_loss_and_bounds(name: str) -> None:
     loss.backward()
     assert all(q.grad is not None for q in p.parameters() if q.requires_grad)
     chunk = p.predict_chunk({"state": torch.randn(3, 2, 10) * 5, "privileged": torch.randn(3, 2, 12)})
-    assert chunk.shape == (3, 8, 2) and float(chunk.abs().max()) <= 1.0
+    assert chunk.shape == (3, 2, 2) and float(chunk.abs().max()) <= 1.0
     with pytest.raises(ValueError, match="expected \\(B, 2, 10\\)"):
         p.predict_chunk({"state": torch.randn(3, 10)})
     with pytest.raises(ValueError, match="Tp=16"):
@@ -249,6 +249,19 @@ def test_reset_mask_clears_only_masked_envs() -> None:
     p.reset()
     p.act({"state": 9.0 + env_offset})
     torch.testing.assert_close(p.calls[-1], torch.tensor([[9.0, 9.0], [109.0, 109.0], [209.0, 209.0]]))
+
+
+def test_act_mask_skips_planning_for_inactive_envs() -> None:
+    p = _ProbePolicy({"obs_horizon": 2, "pred_horizon": 8, "action_horizon": 2})
+    env_offset = torch.tensor([[0.0], [100.0]])
+    inactive = torch.tensor([True, False])
+    for step in range(5):
+        a = p.act({"state": float(step) + env_offset}, mask=inactive)
+        assert a[0, 1].item() == float(step - step % 2)  # env 0 plans every Ta=2 steps as usual
+    # env 1 planned only with everyone at the first step, then never again: only env 0's rows went through
+    assert [c.shape[0] for c in p.calls] == [1, 1, 1]
+    a = p.act({"state": 5.0 + env_offset})  # unmasked again: env 1 re-plans from its rolled history
+    assert p.calls[-1].shape[0] == 1 and p.calls[-1].tolist() == [[104.0, 105.0]]
 
 
 # --------------------------------------------------------------------------------------------- learning

@@ -50,7 +50,9 @@ class LiftCubeExpert(ScriptedExpert):
         self.timer = torch.where(mask, 0, self.timer)
         self.reset_perturbations(mask)
 
-    def __call__(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def __call__(self, obs: dict[str, torch.Tensor], active: torch.Tensor | None = None) -> torch.Tensor:
+        """Actions (N, Da) from ``obs["privileged"]``; ``active`` is accepted for the rollout protocol (the
+        controller is cheap, so every env is computed)."""
         priv = obs["privileged"]
         out_device = priv.device
         priv = priv.detach().cpu().double()

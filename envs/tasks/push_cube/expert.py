@@ -75,7 +75,9 @@ class PushCubeExpert(ScriptedExpert):
         self.face = torch.where(mask, torch.nan, self.face)
         self.reset_perturbations(mask)
 
-    def __call__(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def __call__(self, obs: dict[str, torch.Tensor], active: torch.Tensor | None = None) -> torch.Tensor:
+        """Actions (N, Da) from ``obs["privileged"]``; ``active`` is accepted for the rollout protocol (the
+        controller is cheap, so every env is computed)."""
         priv = obs["privileged"]
         out_device = priv.device
         priv = priv.detach().cpu().double()
