@@ -192,9 +192,14 @@ def samplers(cfg: DictConfig, policy_name: str | None = None) -> list[str]:
     """The samplers ``eval`` runs: ``cfg.sampler`` (comma-separated) or the policy's defaults."""
     from distillery.policies import parse_sampler
 
+    from distillery.policies import POLICIES
+
     name = policy_name or cfg.policy.name
+    fixed = getattr(POLICIES[name], "SAMPLERS", None)
+    if fixed is not None:  # a policy with its own fixed samplers (the MLP's "direct") ignores `sampler`
+        return list(fixed)
     if cfg.sampler is None:
-        return ["ddpm", "ddim:10"] if name == "diffusion" else ["direct"]
+        return ["ddpm", "ddim:10"]
     out = [s.strip() for s in str(cfg.sampler).split(",") if s.strip()]
     if name == "diffusion":
         for s in out:
