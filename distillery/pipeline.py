@@ -132,6 +132,9 @@ def train(cfg: DictConfig, resume: str | Path | None = None) -> Path:
         cfg = config_mod.validate(OmegaConf.load(run_dir / "config.yaml"))
         ckpt = resolve_checkpoint(run_dir)
     else:
+        if cfg.run_dir and (Path(cfg.run_dir) / "checkpoints").exists():
+            raise ValueError(f"run_dir={cfg.run_dir} already holds checkpoints; continue it with "
+                             f"`distillery train --resume {cfg.run_dir}` or choose another run_dir")
         run_dir = make_run_dir(cfg, "train")
         ckpt = None
     torch.manual_seed(int(cfg.seed))

@@ -62,6 +62,12 @@ def test_collect_train_eval_end_to_end(tmp_path, monkeypatch, capsys):
                  "agent.checkpoint_every=2", "agent.log_every=2", "agent.warmup_steps=1", "agent.batch_size=8",
                  "logger.wandb=false", "run_dir=tr"]) == 0
     assert (tmp_path / "tr" / "checkpoints" / "last" / "model.safetensors").is_file()
+    capsys.readouterr()
+    assert main(["train", "experiment=push_cube_diffusion", f"dataset={data}", "run_dir=tr"]) == 2
+    assert "--resume tr" in capsys.readouterr().err  # never silently restarts over a run
+    assert main(["train", "--resume", "tr"]) == 0
+    assert "at step 4" in capsys.readouterr().out  # a finished run resumes at its last step: nothing left to do
+    assert main(["train", "--resume", "nowhere"]) == 2
     lines = [json.loads(x) for x in (tmp_path / "tr" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "train/loss" in x] == [2, 4]
     capsys.readouterr()
