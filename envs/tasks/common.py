@@ -55,6 +55,19 @@ class ScriptedExpert:
         self.perturb_left = torch.zeros(num_envs, dtype=torch.int64)
         self.perturb_value: torch.Tensor | None = None
 
+    def command(self, priv: torch.Tensor) -> torch.Tensor:
+        """The action before Gaussian noise (N, Da) from privileged observations (N, Dp) float64 on the CPU."""
+        raise NotImplementedError
+
+    def __call__(self, obs: dict[str, torch.Tensor], active: torch.Tensor | None = None) -> torch.Tensor:
+        """Actions (N, Da) in [-1, 1] from ``obs["privileged"]``; ``active`` is accepted for the rollout
+        protocol (the controller is cheap, so every env is computed)."""
+        priv = obs["privileged"]
+        action = self.command(priv.detach().cpu().double()).float()
+        if self.noise > 0:
+            action = action + self.noise * torch.randn(action.shape, generator=self.generator)
+        return action.clamp(-1.0, 1.0).to(priv.device)
+
     def reset_perturbations(self, mask: torch.Tensor) -> None:
         self.perturb_left = torch.where(mask, 0, self.perturb_left)
 

@@ -50,17 +50,9 @@ class LiftCubeExpert(ScriptedExpert):
         self.timer = torch.where(mask, 0, self.timer)
         self.reset_perturbations(mask)
 
-    def __call__(self, obs: dict[str, torch.Tensor], active: torch.Tensor | None = None) -> torch.Tensor:
-        """Actions (N, Da) from ``obs["privileged"]``; ``active`` is accepted for the rollout protocol (the
-        controller is cheap, so every env is computed)."""
-        priv = obs["privileged"]
-        out_device = priv.device
-        priv = priv.detach().cpu().double()
+    def command(self, priv: torch.Tensor) -> torch.Tensor:
         action = self._action(priv).float()
-        if self.noise > 0:
-            action = self.hold_random(action, 0.3)
-            action = action + self.noise * torch.randn(self.num_envs, 5, generator=self.generator)
-        return action.clamp(-1.0, 1.0).to(out_device)
+        return self.hold_random(action, 0.3) if self.noise > 0 else action
 
     def _action(self, priv: torch.Tensor) -> torch.Tensor:
         grip, grip_yaw = priv[:, 0:3], torch.atan2(priv[:, 4], priv[:, 3])

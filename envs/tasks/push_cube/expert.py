@@ -75,19 +75,11 @@ class PushCubeExpert(ScriptedExpert):
         self.face = torch.where(mask, torch.nan, self.face)
         self.reset_perturbations(mask)
 
-    def __call__(self, obs: dict[str, torch.Tensor], active: torch.Tensor | None = None) -> torch.Tensor:
-        """Actions (N, Da) from ``obs["privileged"]``; ``active`` is accepted for the rollout protocol (the
-        controller is cheap, so every env is computed)."""
-        priv = obs["privileged"]
-        out_device = priv.device
-        priv = priv.detach().cpu().double()
+    def command(self, priv: torch.Tensor) -> torch.Tensor:
         target = self._target(priv)
         if self.noise > 0:
             target = self.hold_random(target, 0.09).clamp(-WORKSPACE_HALF, WORKSPACE_HALF)
-        action = ((target - priv[:, 0:2]) / MAX_DELTA).float()
-        if self.noise > 0:
-            action = action + self.noise * torch.randn(self.num_envs, 2, generator=self.generator)
-        return action.clamp(-1.0, 1.0).to(out_device)
+        return (target - priv[:, 0:2]) / MAX_DELTA
 
     # ------------------------------------------------------------------ controller
     def _target(self, priv: torch.Tensor) -> torch.Tensor:
