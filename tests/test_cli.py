@@ -72,7 +72,7 @@ def test_collect_train_eval_end_to_end(tmp_path, monkeypatch, capsys):
     assert [x["step"] for x in lines if "train/loss" in x] == [2, 4]
     capsys.readouterr()
     assert main(["eval", "checkpoint=tr/checkpoints/last", "episodes=3", "eval.num_envs=2", "sampler=ddim:2",
-                 "eval.latency_calls=2", "run_dir=ev"]) == 0
+                 "eval.latency_calls=2", "eval.video_episodes=1", "run_dir=ev"]) == 0
     last_line = capsys.readouterr().out.strip().splitlines()[-1]
     assert last_line.endswith("report.json")
     report = json.loads((tmp_path / "ev" / "report.json").read_text())
@@ -81,6 +81,10 @@ def test_collect_train_eval_end_to_end(tmp_path, monkeypatch, capsys):
     assert row["policy"] == "diffusion" and row["sampler"] == "ddim:2" and row["episodes"] == 3
     assert 0.0 <= row["success_ci95"][0] <= row["success_rate"] <= row["success_ci95"][1] <= 1.0
     assert row["latency_ms_p50"] > 0 and math.isfinite(row["mean_return"])
+    from PIL import Image  # the first episode's video: one frame per control step
+
+    (gif,) = (tmp_path / "ev").glob("video_diffusion_ddim-2_0.gif")
+    assert 1 < Image.open(gif).n_frames <= 200  # push_cube episodes last at most 200 control steps
 
 
 def test_eval_without_checkpoint_is_a_clear_error(capsys):
