@@ -6,8 +6,6 @@ Each stage takes a validated config (:func:`distillery.config.compose`), writes 
 from __future__ import annotations
 
 import datetime as dt
-import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -62,7 +60,7 @@ def collect(cfg: DictConfig) -> Path:
     Appending resumes: a dataset that already holds some episodes (e.g. from a killed run) is continued
     up to ``cfg.episodes``, with wave seeds continuing where it stopped.
     """
-    from distillery.data import EpisodeDataset, EpisodeWriter
+    from distillery.data import EpisodeWriter
     from distillery.rollout import run_waves, summarize
 
     path = dataset_path(cfg)
@@ -72,13 +70,13 @@ def collect(cfg: DictConfig) -> Path:
     meta = {"task": cfg.task.name, "expert_noise": float(cfg.expert_noise), "seed": int(cfg.seed),
             "control_dt": env.control_dt, "max_episode_steps": env.max_episode_steps,
             "collect_num_envs": num_envs, "action_noise": float(cfg.collect.action_noise)}
-    have = EpisodeDataset(path).num_episodes if (path / "zarr.json").exists() and _committed(path) else 0
-    todo = int(cfg.episodes) - have
     played = []
     with EpisodeWriter(path, meta, env.observation_spec, env.action_spec) as writer:
+        have = writer.num_episodes  # committed episodes of a dataset being resumed
+        todo = int(cfg.episodes) - have
         if todo > 0:
             bar = _progress(todo, f"collect {cfg.task.name}")
-            # waves already written are skipped by seeding from the next wave index
+            # a resumed collection draws its resets from another stream, so it does not replay earlier episodes
             first_wave = have // num_envs
             seed = int(cfg.seed) + 7919 * first_wave
             for wave in run_waves(env, expert, todo, seed, record=True,
@@ -96,16 +94,6 @@ def collect(cfg: DictConfig) -> Path:
     else:
         print(f"{path} already holds {have} >= {cfg.episodes} episodes; nothing to collect")
     return path
-
-
-def _committed(path: Path) -> bool:
-    try:
-        from distillery.data import EpisodeDataset
-
-        EpisodeDataset(path)
-        return True
-    except (ValueError, FileNotFoundError):
-        return False
 
 
 def _progress(total: int, desc: str):
@@ -151,17 +139,17 @@ def train(cfg: DictConfig, resume: str | Path | None = None) -> Path:
     print(f"train {cfg.policy.name} ({policy.num_params() / 1e6:.2f}M params) on {episodes.num_episodes} episodes "
           f"/ {episodes.num_steps} steps of {path} -> {run_dir}")
 
-    evaluate = None
+    periodic_eval = None
     if cfg.agent.eval_every:
         from distillery.evaluate import evaluate_policy
 
         eval_env = env_from_config(cfg.task, min(int(cfg.eval.num_envs), int(cfg.agent.eval_episodes)), cfg.seed + 1)
 
-        def evaluate(p):
+        def periodic_eval(p):
             return {k: v for k, v in evaluate_policy(p, eval_env, int(cfg.agent.eval_episodes), cfg.seed + 1,
                                                      None)[0].items() if isinstance(v, float)}
 
-    agent = BCAgent(cfg.agent, policy, data, run_dir, logger, seed=int(cfg.seed), evaluate=evaluate,
+    agent = BCAgent(cfg.agent, policy, data, run_dir, logger, seed=int(cfg.seed), evaluate=periodic_eval,
                     meta={"task": cfg.task.name, "dataset": str(path), "config": OmegaConf.to_container(cfg)})
     if ckpt is not None:
         agent.load(ckpt)
@@ -234,7 +222,7 @@ def demo(overrides: list[str]) -> Path:
         runs[policy] = train(cfg)
     eval_cfg = config_mod.compose(["experiment=demo", *common, f"run_dir={root}"])
     root.mkdir(parents=True, exist_ok=True)
-    report = evaluate(eval_cfg, {p: r for p, r in runs.items()}, run_dir=root)
+    report = evaluate(eval_cfg, runs, run_dir=root)
     print(f"demo finished in {(time.perf_counter() - t0) / 60:.1f} min")
     return report
 
