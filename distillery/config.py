@@ -190,23 +190,23 @@ def _check_policy(cfg: DictConfig) -> None:
 
 def samplers(cfg: DictConfig, policy_name: str | None = None) -> list[str]:
     """The samplers ``eval`` runs: ``cfg.sampler`` (comma-separated) or the policy's defaults."""
-    from distillery.policies import parse_sampler
-
-    from distillery.policies import POLICIES
+    from distillery.policies import POLICIES, parse_sampler
 
     name = policy_name or cfg.policy.name
     fixed = getattr(POLICIES[name], "SAMPLERS", None)
     if fixed is not None:  # a policy with its own fixed samplers (the MLP's "direct") ignores `sampler`
         return list(fixed)
     if cfg.sampler is None:
-        return ["ddpm", "ddim:10"]
+        return list(POLICIES[name].EVAL_SAMPLERS)  # type: ignore[attr-defined]
     out = [s.strip() for s in str(cfg.sampler).split(",") if s.strip()]
-    if name == "diffusion":
-        for s in out:
-            try:
-                parse_sampler(s, 100)
-            except ValueError as e:
-                raise ConfigError(f"sampler={s!r}: {e}") from None
+    kinds = getattr(POLICIES[name], "SAMPLER_KINDS", ())
+    for s in out:
+        try:
+            spec = parse_sampler(s, 100)
+            if spec.kind not in kinds:
+                raise ValueError(f"the {name} policy's sampler kinds are {list(kinds)}")
+        except ValueError as e:
+            raise ConfigError(f"sampler={s!r}: {e}") from None
     return out
 
 

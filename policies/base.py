@@ -112,6 +112,7 @@ class Policy(nn.Module):
         self._queue: Tensor | None = None
         self._queue_idx: Tensor | None = None
         self._fresh: Tensor | None = None
+        self._carry: dict[str, Tensor] = {}  # per-env sampler state (warm starts), rows = envs
 
     # ------------------------------------------------------------------------------------------ to implement
     def loss(self, batch: Mapping[str, Any]) -> tuple[Tensor, dict[str, float]]:
@@ -119,9 +120,20 @@ class Policy(nn.Module):
         raise NotImplementedError
 
     def sample_normalized(self, nobs: Mapping[str, Tensor], sampler: str | None,
-                          generator: torch.Generator | None) -> Tensor:
-        """Normalised ``nobs {k: (B, To, *shape)}`` -> normalised action sequence ``(B, Tp, Da)``."""
+                          generator: torch.Generator | None, noise: Tensor | None = None,
+                          carry: dict[str, Tensor] | None = None) -> Tensor:
+        """Normalised ``nobs {k: (B, To, *shape)}`` -> normalised action sequence ``(B, Tp, Da)``.
+
+        ``noise (B, Tp, Da)``: the initial sample ``x_T`` to use instead of a draw from ``generator`` (export and
+        parity checks feed it as an input). ``carry``: per-env state of a warm-started sampler (``rti``,
+        ``streaming``) for exactly these rows; the sampler reads and updates it in place. ``carry["valid"] (B,)``
+        is False for envs with no previous plan (episode start or reset).
+        """
         raise NotImplementedError
+
+    def is_deterministic(self, sampler: str | None) -> bool:
+        """True if ``sampler`` is a pure function of (observations, initial noise): exportable as one graph."""
+        return False
 
     # ------------------------------------------------------------------------------------------ shared
     @property
@@ -170,24 +182,41 @@ class Policy(nn.Module):
 
     @torch.no_grad()
     def predict_sequence(self, obs_history: Mapping[str, Any], sampler: str | None = None,
-                         generator: torch.Generator | None = None) -> Tensor:
-        """Full predicted chunk ``(B, Tp, Da)`` in env units (clamped to the action spec bounds)."""
+                         generator: torch.Generator | None = None, noise: Tensor | None = None,
+                         carry: dict[str, Tensor] | None = None) -> Tensor:
+        """Full predicted chunk ``(B, Tp, Da)`` in env units (clamped to the action spec bounds).
+
+        ``noise``/``carry``: see :meth:`sample_normalized`. A ``carry`` dict passed here persists the sampler's
+        state across calls (``{}`` to start), which is how latency benchmarks time warm-started samplers.
+        """
         nobs = self.normalizer.normalize_dict(self.check_obs(obs_history))
-        action = self.normalizer.unnormalize("action", self.sample_normalized(nobs, sampler, generator))
+        b = next(iter(nobs.values())).shape[0]
+        if noise is not None and tuple(noise.shape) != (b, self.pred_horizon, self.action_dim):
+            raise ValueError(f"noise has shape {tuple(noise.shape)}; expected (B={b}, Tp={self.pred_horizon}, "
+                             f"Da={self.action_dim})")
+        if carry is not None and "valid" not in carry:
+            carry["valid"] = torch.zeros(b, dtype=torch.bool, device=self.device)
+        seq = self.sample_normalized(nobs, sampler, generator, noise=noise, carry=carry)
+        if carry is not None:
+            carry["valid"] = torch.ones_like(carry["valid"])
+        action = self.normalizer.unnormalize("action", seq)
         low, high = self.action_spec.low, self.action_spec.high
         return action.clamp(min=low, max=high) if low is not None or high is not None else action
 
     def predict_chunk(self, obs_history: Mapping[str, Any], sampler: str | None = None,
-                      generator: torch.Generator | None = None) -> Tensor:
+                      generator: torch.Generator | None = None, noise: Tensor | None = None,
+                      carry: dict[str, Tensor] | None = None) -> Tensor:
         """``obs_history {k: (B, To, *shape)}`` -> executed actions ``(B, Ta, Da)`` = sequence[:, To-1 : To-1+Ta]."""
         start = self.obs_horizon - 1
-        return self.predict_sequence(obs_history, sampler, generator)[:, start:start + self.action_horizon]
+        seq = self.predict_sequence(obs_history, sampler, generator, noise=noise, carry=carry)
+        return seq[:, start:start + self.action_horizon]
 
     # ------------------------------------------------------------------------------------------ closed loop
     def reset(self, mask: Tensor | None = None) -> None:
         """Forget history and queued actions: of all envs (``mask=None``) or of envs where ``mask (B,)`` is True."""
         if mask is None or self._fresh is None:
             self._hist = self._queue = self._queue_idx = self._fresh = None
+            self._carry = {}
             return
         mask = torch.as_tensor(mask, dtype=torch.bool, device=self._fresh.device)
         if mask.shape != self._fresh.shape:
@@ -195,6 +224,8 @@ class Policy(nn.Module):
                              f"= the batch size act() has been called with")
         self._fresh |= mask
         self._queue_idx[mask] = self.action_horizon  # type: ignore[index]
+        if "valid" in self._carry:
+            self._carry["valid"][mask] = False  # a warm-started sampler starts these envs from scratch
 
     @torch.no_grad()
     def act(self, obs: Mapping[str, Any], sampler: str | None = None,
@@ -215,6 +246,7 @@ class Policy(nn.Module):
             self._queue = torch.zeros(b, self.action_horizon, self.action_dim, device=dev)
             self._queue_idx = torch.full((b,), self.action_horizon, dtype=torch.long, device=dev)
             self._fresh = torch.zeros(b, dtype=torch.bool, device=dev)
+            self._carry = {"valid": torch.zeros(b, dtype=torch.bool, device=dev)}
         else:
             assert self._hist is not None
             for k, v in x.items():
@@ -227,11 +259,17 @@ class Policy(nn.Module):
         if mask is not None:
             need &= torch.as_tensor(mask, dtype=torch.bool, device=dev)
         if bool(need.all()):
-            self._queue = self.predict_chunk(self._hist, sampler, generator)
+            self._queue = self.predict_chunk(self._hist, sampler, generator, carry=self._carry)
             self._queue_idx.zero_()
         elif bool(need.any()):
             rows = need.nonzero().squeeze(1)
-            self._queue[rows] = self.predict_chunk({k: h[rows] for k, h in self._hist.items()}, sampler, generator)
+            carry = {k: v[rows] for k, v in self._carry.items()}
+            self._queue[rows] = self.predict_chunk({k: h[rows] for k, h in self._hist.items()}, sampler, generator,
+                                                   carry=carry)
+            for k, v in carry.items():  # scatter the planned rows' sampler state back (new keys start at zero)
+                if k not in self._carry:
+                    self._carry[k] = torch.zeros((b,) + tuple(v.shape[1:]), dtype=v.dtype, device=dev)
+                self._carry[k][rows] = v
             self._queue_idx[rows] = 0
         # masked-out envs may have run past their queue: hold them at its end until they re-plan
         action = self._queue[torch.arange(b, device=dev), self._queue_idx.clamp(max=self.action_horizon - 1)]

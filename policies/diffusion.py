@@ -26,6 +26,8 @@ __all__ = ["DiffusionPolicy"]
 
 class DiffusionPolicy(Policy):
     name: ClassVar[str] = "diffusion"
+    SAMPLER_KINDS: ClassVar[tuple[str, ...]] = ("ddpm", "ddim", "rti")
+    EVAL_SAMPLERS: ClassVar[tuple[str, ...]] = ("ddpm", "ddim:10")  # `eval` runs these unless `sampler=` is given
     DEFAULTS: ClassVar[dict[str, Any]] = {
         **Policy.DEFAULTS,
         # Small enough for CPU training (see the README's policy table); the paper's state net is
@@ -56,7 +58,11 @@ class DiffusionPolicy(Policy):
         self.default_sampler = self.parse_sampler(c["sampler"])  # fail at construction, not at the first rollout
 
     def parse_sampler(self, sampler: str | None) -> SamplerSpec:
-        return parse_sampler(self.cfg["sampler"] if sampler is None else sampler, self.schedule.num_train_steps)
+        spec = parse_sampler(self.cfg["sampler"] if sampler is None else sampler, self.schedule.num_train_steps)
+        if spec.kind not in self.SAMPLER_KINDS:
+            raise ValueError(f"the {self.name} policy cannot sample with {spec.text!r}; its sampler kinds are "
+                             f"{list(self.SAMPLER_KINDS)}")
+        return spec
 
     # -- pieces reused by RL fine-tuning and distillation ---------------------------------------------------
     def encode_obs(self, nobs: Mapping[str, Tensor]) -> Tensor:
@@ -79,9 +85,47 @@ class DiffusionPolicy(Policy):
         return loss, {"loss": float(loss.detach())}
 
     def sample_normalized(self, nobs: Mapping[str, Tensor], sampler: str | None,
-                          generator: torch.Generator | None) -> Tensor:
+                          generator: torch.Generator | None, noise: Tensor | None = None,
+                          carry: dict[str, Tensor] | None = None) -> Tensor:
         spec = self.default_sampler if sampler is None else self.parse_sampler(sampler)
         cond = self.encode_obs(nobs)
         shape = (cond.shape[0], self.pred_horizon, self.action_dim)
+        if spec.kind == "rti":
+            return self._sample_rti(cond, shape, spec, generator, noise, carry)
         return self.schedule.sample(lambda x, t: self.eps(x, t, cond), shape, spec, default_eta=self.ddim_eta,
-                                    generator=generator)
+                                    generator=generator, x_T=noise)
+
+    def is_deterministic(self, sampler: str | None) -> bool:
+        spec = self.default_sampler if sampler is None else self.parse_sampler(sampler)
+        eta = spec.eta if spec.eta is not None else self.ddim_eta
+        return spec.kind == "ddim" and eta == 0
+
+    def _sample_rti(self, cond: Tensor, shape: tuple[int, ...], spec: SamplerSpec,
+                    generator: torch.Generator | None, noise: Tensor | None,
+                    carry: dict[str, Tensor] | None) -> Tensor:
+        """RTI-DP warm start (Duan et al. 2025): the previous plan shifted by the ``Ta`` executed actions (last action
+        repeated) is re-noised to level ``t_K`` and only the last ``K`` steps of the ``ddim:M`` chain are run. Envs
+        without a previous plan (episode start, reset, ``carry=None``) run the full chain; with ``K = M`` every env
+        does, which is exactly ``ddim:M`` (same noise draws)."""
+        full = self.schedule.timesteps(SamplerSpec("ddim", spec.grid))
+        x = torch.randn(shape, generator=generator, device=self.device) if noise is None else noise
+        warm = carry["valid"] if carry is not None and spec.steps < spec.grid else torch.zeros(shape[0], dtype=bool)
+        seq = torch.empty_like(x)
+        if bool(warm.any()):
+            rows = warm.nonzero().squeeze(1)
+            prev = carry["prev"][rows]  # type: ignore[index]  # (b, Tp, Da): the last clean plan
+            ta = self.action_horizon
+            guess = torch.cat([prev[:, ta:], prev[:, -1:].expand(-1, ta, -1)], dim=1)
+            t_k = torch.full((len(rows),), full[-spec.steps][0], device=x.device)
+            z = torch.randn(guess.shape, generator=generator, device=x.device)
+            start = self.schedule.q_sample(guess, t_k, z)
+            c = cond[rows]
+            seq[rows] = self.schedule.run_chain(lambda xx, t: self.eps(xx, t, c), start, full[-spec.steps:],
+                                                False, 0.0)
+        if not bool(warm.all()):
+            rows = (~warm).nonzero().squeeze(1)
+            c = cond[rows]
+            seq[rows] = self.schedule.run_chain(lambda xx, t: self.eps(xx, t, c), x[rows], full, False, 0.0)
+        if carry is not None:
+            carry["prev"] = seq
+        return seq

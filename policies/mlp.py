@@ -43,8 +43,12 @@ class MLPPolicy(Policy):
         return loss, {"loss": float(loss.detach())}
 
     def sample_normalized(self, nobs: Mapping[str, Tensor], sampler: str | None,
-                          generator: torch.Generator | None) -> Tensor:
+                          generator: torch.Generator | None, noise: Tensor | None = None,
+                          carry: dict[str, Tensor] | None = None) -> Tensor:
         if sampler is not None and sampler not in self.SAMPLERS:
             raise ValueError(f"the mlp policy is deterministic and has no sampler {sampler!r}; "
                              f"pass sampler=None or one of {list(self.SAMPLERS)}")
         return self.forward_normalized(nobs)
+
+    def is_deterministic(self, sampler: str | None) -> bool:
+        return True

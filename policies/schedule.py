@@ -12,7 +12,8 @@ Sampler strings:
     ``"ddpm"``               all ``T`` ancestral steps with the posterior variance ("fixed_small")
     ``"ddim:K"``             ``K`` evenly spaced steps (``t = (K-1)r, ..., r, 0`` with ``r = T // K``), eta from config
     ``"ddim:K:eta=E"``       same with an explicit eta (``E = 1`` and ``K = T`` equals ``"ddpm"``)
-Further kinds (``rti:K``, ``consistency:N``, ``streaming``) register themselves with :func:`register_sampler_kind`.
+    ``"rti:K[:of=M]"``       RTI-DP warm start: previous plan shifted, re-noised, last ``K`` steps of ``ddim:M``
+Further kinds (``consistency:N``, ``streaming[:S]``) register themselves with :func:`register_sampler_kind`.
 """
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ class SamplerSpec:
     steps: int
     eta: float | None = None
     text: str = ""
+    grid: int = 0  # rti: size M of the ddim:M chain whose last `steps` steps are run
 
 
 # kind -> (human-readable form, parser(rest_of_string, num_train_steps) -> SamplerSpec)
@@ -94,8 +96,23 @@ def _parse_ddim(text: str, args: str, num_train_steps: int) -> SamplerSpec:
     return SamplerSpec("ddim", steps, eta, text)
 
 
+_RTI_RE = re.compile(r"^(\d+)(?::of=(\d+))?$")
+
+
+def _parse_rti(text: str, args: str, num_train_steps: int) -> SamplerSpec:
+    m = _RTI_RE.match(args)
+    if m is None:
+        raise _bad_sampler(text, "expected 'rti:K' or 'rti:K:of=M' with integers 1 <= K <= M")
+    steps, grid = int(m.group(1)), int(m.group(2) or 10)
+    if not 1 <= grid <= num_train_steps or not 1 <= steps <= grid:
+        raise _bad_sampler(text, f"need 1 <= K <= M <= {num_train_steps} (K warm steps of the ddim:M chain)")
+    return SamplerSpec("rti", steps, 0.0, text, grid)
+
+
 register_sampler_kind("ddpm", "'ddpm'", _parse_ddpm)
 register_sampler_kind("ddim", "'ddim:K' or 'ddim:K:eta=E' (1 <= K <= train steps)", _parse_ddim)
+register_sampler_kind("rti", "'rti:K' or 'rti:K:of=M' (warm start: last K of the ddim:M steps, M = 10 by default)",
+                      _parse_rti)
 
 
 def parse_sampler(text: str, num_train_steps: int) -> SamplerSpec:
@@ -216,21 +233,26 @@ class NoiseSchedule(nn.Module):
         raise ValueError(f"NoiseSchedule has no timesteps for sampler kind {spec.kind!r}")
 
     def sample(self, eps_fn: DenoiseFn, shape: tuple[int, ...], spec: SamplerSpec, default_eta: float = 0.0,
-               generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
-        """Run the reverse chain from ``x_T ~ N(0, I)`` of ``shape = (B, Tp, Da)``; returns ``x_0``.
+               generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
+               x_T: Tensor | None = None) -> Tensor:
+        """Run the reverse chain from ``x_T ~ N(0, I)`` of ``shape = (B, Tp, Da)`` (or the given ``x_T``); returns ``x_0``.
 
         Randomness order (kept fixed so samplers are comparable under one generator): ``x_T`` first, then one
         ``N(0, I)`` draw per step for stochastic steps (``ddpm``, ``ddim`` with ``eta > 0``), none when ``eta = 0``.
         """
-        device = self.betas.device
-        x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        x = torch.randn(shape, generator=generator, device=self.betas.device, dtype=dtype) if x_T is None else x_T
         eta = spec.eta if spec.eta is not None else default_eta
-        stochastic = spec.kind == "ddpm" or eta > 0
-        for t, t_prev in self.timesteps(spec):
-            t_batch = torch.full((shape[0],), t, device=device, dtype=torch.long)
+        return self.run_chain(eps_fn, x, self.timesteps(spec), spec.kind == "ddpm", eta, generator)
+
+    def run_chain(self, eps_fn: DenoiseFn, x: Tensor, steps: list[tuple[int, int]], ddpm: bool, eta: float,
+                  generator: torch.Generator | None = None) -> Tensor:
+        """Denoise ``x`` along ``steps = [(t, t_prev), ...]`` with DDPM posterior steps or DDIM(eta) steps."""
+        stochastic = ddpm or eta > 0
+        for t, t_prev in steps:
+            t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
             eps = eps_fn(x, t_batch)
-            noise = torch.randn(shape, generator=generator, device=device, dtype=dtype) if stochastic else None
-            if spec.kind == "ddpm":
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if stochastic else None
+            if ddpm:
                 x, _, _ = self.ddpm_step(x, eps, t, noise)
             else:
                 x, _, _ = self.ddim_step(x, eps, t, t_prev, eta, noise)

@@ -197,7 +197,7 @@ class _ProbePolicy(Policy):
         self.normalizer.set_stats({"action": {"min": np.full(2, -1.0), "max": np.full(2, 1.0)}})  # identity
         self.calls: list[torch.Tensor] = []
 
-    def sample_normalized(self, nobs, sampler, generator):  # type: ignore[override]
+    def sample_normalized(self, nobs, sampler, generator, noise=None, carry=None):  # type: ignore[override]
         hist = nobs["state"][..., 0]  # (B, To)
         self.calls.append(hist.clone())
         j = torch.arange(self.pred_horizon, dtype=torch.float32).expand(hist.shape[0], -1)
