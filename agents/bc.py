@@ -84,7 +84,7 @@ class BCAgent:
         t0 = time.perf_counter()
         while self.step < self.total_steps:
             batch = self.data.random_batch(int(cfg["batch_size"]), generator=self.generator)
-            loss, m = self.policy.loss(batch)
+            loss, m = self.compute_loss(batch)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), float(cfg["grad_clip"]))
@@ -93,6 +93,7 @@ class BCAgent:
             self.step += 1
             if self.ema is not None:
                 self.ema.update(self.policy, self.step)
+            self.after_step()
             m = {**m, "grad_norm": float(grad_norm)}
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -113,6 +114,21 @@ class BCAgent:
                 self.save()
         bar.close()
         return metrics
+
+    # ------------------------------------------------------------------------------------------ hooks
+    def compute_loss(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        """The objective of one batch; imitation uses the policy's own loss. Variants (distillation) override."""
+        return self.policy.loss(batch)
+
+    def after_step(self) -> None:
+        """Called after every optimiser step (e.g. to move a target network)."""
+
+    def extra_state(self) -> dict[str, Any]:
+        """Further training state a variant must checkpoint for an exact resume (tensors, nested dicts)."""
+        return {}
+
+    def load_extra_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`extra_state` returned."""
 
     def eval_weights(self):
         """Context manager: the EMA weights (if any) loaded into the policy, in eval mode."""
@@ -137,6 +153,7 @@ class BCAgent:
             "scheduler": self.scheduler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "generator": self.generator.get_state(),
                     "numpy": np.random.get_state()},
+            "extra": self.extra_state(),
         }
         flat, skeleton = flatten_state(train_state, prefix="train.")
         tensors.update(flat)
@@ -162,4 +179,5 @@ class BCAgent:
         torch.set_rng_state(state["rng"]["torch"])
         self.generator.set_state(state["rng"]["generator"])
         np.random.set_state(state["rng"]["numpy"])
+        self.load_extra_state(state.get("extra", {}))
         self.step = int(meta["step"])

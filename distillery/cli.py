@@ -12,7 +12,9 @@ import sys
 COMMANDS = {
     "collect": "roll out the scripted expert -> zarr dataset (episodes=, expert_noise=, dataset=)",
     "train": "imitation learning -> checkpoints (experiment=, policy=, agent.*); --resume RUN_DIR continues",
+    "distill": "diffusion teacher -> one-step consistency policy (teacher=CKPT, agent.objective=output|consistency)",
     "eval": "evaluate a checkpoint -> results table + report.json (checkpoint=, episodes=, sampler=)",
+    "export": "checkpoint -> policy.onnx + manifest.json for the torch-free runtime (checkpoint=, sampler=, export.*)",
     "demo": "collect -> train diffusion + MLP -> evaluate both on push_cube (about 20 min on 2 CPU cores)",
     "show": "print the composed config",
 }
@@ -29,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("command", choices=list(COMMANDS), metavar="command", help=" | ".join(COMMANDS))
     p.add_argument("overrides", nargs="*", help="Hydra overrides key=value, e.g. task=lift_cube agent.steps=2000")
     p.add_argument("--resume", metavar="RUN_DIR", default=None,
-                   help="(train) continue the run in RUN_DIR exactly from its last checkpoint")
+                   help="(train, distill) continue the run in RUN_DIR exactly from its last checkpoint")
     return p
 
 
@@ -39,15 +41,16 @@ def main(argv: list[str] | None = None) -> int:
     from distillery import pipeline
 
     try:
-        if args.resume is not None and args.command != "train":
-            raise config_mod.ConfigError("--resume only applies to `distillery train`")
+        if args.resume is not None and args.command not in ("train", "distill"):
+            raise config_mod.ConfigError("--resume only applies to `distillery train` and `distillery distill`")
         bad = [o for o in args.overrides if "=" not in o]
         if bad:
             raise config_mod.ConfigError(f"arguments {bad} are not key=value overrides; e.g. task=push_cube")
         if args.command == "demo":
             report = pipeline.demo(args.overrides)
         else:
-            cfg = config_mod.compose(args.overrides)
+            agent = ["agent=distill"] if args.command == "distill" else []
+            cfg = config_mod.compose(agent + args.overrides)
             if args.command == "show":
                 print(config_mod.to_yaml(cfg), end="")
                 return 0
@@ -55,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
                 report = pipeline.collect(cfg)
             elif args.command == "train":
                 report = pipeline.train(cfg, resume=args.resume)
+            elif args.command == "distill":
+                report = pipeline.distill(cfg, resume=args.resume)
+            elif args.command == "export":
+                from distillery.deploy.export import export
+
+                report = export(cfg)
             else:
                 report = pipeline.evaluate(cfg)
     except (config_mod.ConfigError, FileNotFoundError, ValueError) as e:

@@ -56,6 +56,21 @@ class BCSchema:
 
 
 @dataclass
+class DistillSchema(BCSchema):
+    objective: str = MISSING
+    teacher_sampler: str = MISSING
+    ode_steps: int = MISSING
+    distance: str = MISSING
+    dsm_weight: float = MISSING
+    target_ema: float = MISSING
+    init_from_teacher: bool = MISSING
+    student: dict[str, Any] = MISSING
+
+
+AGENT_SCHEMAS: dict[str, type] = {"bc": BCSchema, "distill": DistillSchema}
+
+
+@dataclass
 class EvalSchema:
     num_envs: int = MISSING
     sampler_episodes: dict[str, int] = MISSING
@@ -67,6 +82,15 @@ class EvalSchema:
 class CollectSchema:
     num_envs: int = MISSING
     action_noise: float = MISSING
+
+
+@dataclass
+class ExportSchema:
+    format: str = MISSING
+    out_dir: Optional[str] = MISSING
+    parity_tol: float = MISSING
+    parity_batches: list[int] = MISSING
+    opset: Optional[int] = MISSING
 
 
 @dataclass
@@ -84,12 +108,14 @@ class RootSchema:
     episodes: int = MISSING
     expert_noise: float = MISSING
     checkpoint: Optional[str] = MISSING
+    teacher: Optional[str] = MISSING
     sampler: Optional[str] = MISSING
     task: TaskSchema = field(default_factory=TaskSchema)
     policy: dict[str, Any] = MISSING  # validated by the policy class itself (its DEFAULTS list every key)
-    agent: BCSchema = field(default_factory=BCSchema)
+    agent: Any = MISSING  # typed by AGENT_SCHEMAS[agent.name] in validate()
     eval: EvalSchema = field(default_factory=EvalSchema)
     collect: CollectSchema = field(default_factory=CollectSchema)
+    export: ExportSchema = field(default_factory=ExportSchema)
     logger: LoggerSchema = field(default_factory=LoggerSchema)
 
 
@@ -130,8 +156,14 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
 
 def validate(cfg: DictConfig) -> DictConfig:
     """Type-check ``cfg`` against :class:`RootSchema` and check names and cross-field rules."""
+    name = OmegaConf.select(cfg, "agent.name")
+    if name not in AGENT_SCHEMAS:
+        raise ConfigError(f"agent.name={name!r} is not an agent; valid agents: {', '.join(AGENT_SCHEMAS)}")
     try:
         typed = OmegaConf.merge(OmegaConf.structured(RootSchema), cfg)
+        agent = OmegaConf.merge(OmegaConf.structured(AGENT_SCHEMAS[name]), cfg.agent)
+        OmegaConf.set_struct(agent, True)
+        OmegaConf.update(typed, "agent", agent, merge=False)
         OmegaConf.to_container(typed, throw_on_missing=True)
     except OmegaConfBaseException as e:
         raise ConfigError(f"invalid config: {e}".strip()) from None
@@ -149,8 +181,13 @@ def _check_choices(cfg: DictConfig) -> None:
     if name not in POLICIES:
         raise ConfigError(f"policy.name={name!r} is not a policy; valid policies: {', '.join(sorted(POLICIES))}")
     _check_policy(cfg)
-    if cfg.agent.name != "bc":
-        raise ConfigError(f"agent.name={cfg.agent.name!r} is not an agent; valid agents: bc")
+    if cfg.agent.name == "distill":
+        from distillery.agents.distill import check_distill_config
+
+        try:
+            check_distill_config(cfg.agent)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     positive = {"episodes": cfg.episodes, "agent.steps": cfg.agent.steps, "agent.batch_size": cfg.agent.batch_size,
                 "eval.num_envs": cfg.eval.num_envs, "collect.num_envs": cfg.collect.num_envs,
                 "agent.checkpoint_every": cfg.agent.checkpoint_every, "agent.log_every": cfg.agent.log_every,

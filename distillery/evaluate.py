@@ -20,7 +20,7 @@ import torch
 from distillery.envs import BatchedEnv
 from distillery.policies import Policy, policy_from_description
 from distillery.rollout import Episode, run_waves, summarize
-from distillery.runtime import atomic_write_text, load_checkpoint, resolve_checkpoint
+from distillery.runtime import atomic_write_text, checkpoint_sha256, load_checkpoint, resolve_checkpoint
 
 REPORT_FILE = "report.json"
 
@@ -51,6 +51,7 @@ def load_policy(path: str | Path) -> tuple[Policy, dict[str, Any]]:
     policy.load_state_dict(weights)
     policy.eval()
     meta["checkpoint_path"] = str(ckpt)
+    meta["checkpoint_sha256"] = checkpoint_sha256(ckpt)
     return policy, meta
 
 

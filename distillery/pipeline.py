@@ -103,6 +103,22 @@ def _progress(total: int, desc: str):
 
 
 # ----------------------------------------------------------------------------------------------- train
+def _start_run(cfg: DictConfig, resume: str | Path | None, command: str) -> tuple[DictConfig, Path, Path | None]:
+    """``(cfg, run_dir, checkpoint to resume or None)``: a resumed run takes its config from its run dir."""
+    from distillery.runtime import resolve_checkpoint
+
+    if resume is not None:
+        run_dir = Path(resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise FileNotFoundError(f"--resume {run_dir}: no config.yaml there; pass the run directory that "
+                                    f"`distillery {command}` created (runs/<...>_{command}_<task>)")
+        return config_mod.validate(OmegaConf.load(run_dir / "config.yaml")), run_dir, resolve_checkpoint(run_dir)
+    if cfg.run_dir and (Path(cfg.run_dir) / "checkpoints").exists():
+        raise ValueError(f"run_dir={cfg.run_dir} already holds checkpoints; continue it with "
+                         f"`distillery {command} --resume {cfg.run_dir}` or choose another run_dir")
+    return cfg, make_run_dir(cfg, command), None
+
+
 def train(cfg: DictConfig, resume: str | Path | None = None) -> Path:
     """Imitation of the dataset with ``cfg.policy``; returns the run directory (checkpoints inside)."""
     import torch
@@ -110,21 +126,8 @@ def train(cfg: DictConfig, resume: str | Path | None = None) -> Path:
     from distillery.agents import BCAgent
     from distillery.data import EpisodeDataset, SequenceDataset
     from distillery.policies import make_policy
-    from distillery.runtime import resolve_checkpoint
 
-    if resume is not None:
-        run_dir = Path(resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise FileNotFoundError(f"--resume {run_dir}: no config.yaml there; pass the run directory that "
-                                    f"`distillery train` created (runs/<...>_train_<task>)")
-        cfg = config_mod.validate(OmegaConf.load(run_dir / "config.yaml"))
-        ckpt = resolve_checkpoint(run_dir)
-    else:
-        if cfg.run_dir and (Path(cfg.run_dir) / "checkpoints").exists():
-            raise ValueError(f"run_dir={cfg.run_dir} already holds checkpoints; continue it with "
-                             f"`distillery train --resume {cfg.run_dir}` or choose another run_dir")
-        run_dir = make_run_dir(cfg, "train")
-        ckpt = None
+    cfg, run_dir, ckpt = _start_run(cfg, resume, "train")
     torch.manual_seed(int(cfg.seed))
     path = dataset_path(cfg)
     episodes = EpisodeDataset(path)
@@ -151,6 +154,61 @@ def train(cfg: DictConfig, resume: str | Path | None = None) -> Path:
 
     agent = BCAgent(cfg.agent, policy, data, run_dir, logger, seed=int(cfg.seed), evaluate=periodic_eval,
                     meta={"task": cfg.task.name, "dataset": str(path), "config": OmegaConf.to_container(cfg)})
+    if ckpt is not None:
+        agent.load(ckpt)
+        print(f"resumed from {ckpt} at step {agent.step}")
+    agent.train()
+    logger.close()
+    return run_dir
+
+
+# ----------------------------------------------------------------------------------------------- distill
+def distill(cfg: DictConfig, resume: str | Path | None = None) -> Path:
+    """Distil the diffusion checkpoint ``cfg.teacher`` into a ConsistencyPolicy; returns the run directory.
+
+    The student takes the teacher's policy config (horizons, network) overlaid with ``agent.student``, the
+    teacher's normaliser, and by default its weights; the dataset is the teacher's unless ``dataset=`` is given.
+    """
+    import torch
+
+    from distillery.agents import DistillAgent
+    from distillery.data import EpisodeDataset, SequenceDataset
+    from distillery.evaluate import load_policy
+    from distillery.policies import DiffusionPolicy, make_policy
+
+    if resume is None and not cfg.teacher:
+        raise ValueError("distill needs teacher=<diffusion checkpoint: run dir, checkpoints/last or a step dir>")
+    cfg, run_dir, ckpt = _start_run(cfg, resume, "distill")
+    teacher, tmeta = load_policy(cfg.teacher)
+    if not isinstance(teacher, DiffusionPolicy) or teacher.name != "diffusion":
+        raise ValueError(f"teacher={cfg.teacher} holds a {teacher.name!r} policy; distillation needs a diffusion "
+                         f"policy checkpoint (written by `distillery train policy=diffusion`)")
+    task_cfg = tmeta["config"]["task"]
+    path = Path(cfg.dataset) if cfg.dataset else Path(tmeta["dataset"])
+    episodes = EpisodeDataset(path)
+    if episodes.meta.get("task") != task_cfg["name"]:
+        raise ValueError(f"dataset {path} holds task {episodes.meta.get('task')!r} but the teacher was trained on "
+                         f"{task_cfg['name']!r}; pass dataset=<a {task_cfg['name']} dataset>")
+    agent_cfg = OmegaConf.to_container(cfg.agent)
+    student_cfg = {**teacher.cfg, "sampler": "consistency:1", **agent_cfg["student"]}
+    student = make_policy("consistency", teacher.obs_spec, teacher.action_spec, student_cfg)
+    student.normalizer.load_state_dict(teacher.normalizer.state_dict())
+    if agent_cfg["init_from_teacher"]:
+        try:
+            student.load_state_dict(teacher.state_dict())
+        except RuntimeError as e:
+            raise ValueError("agent.init_from_teacher=true needs the teacher's network shape; the student overrides "
+                             f"{agent_cfg['student']} change it: set agent.init_from_teacher=false") from e
+    torch.manual_seed(int(cfg.seed))
+    data = SequenceDataset(episodes, student.obs_keys, student.obs_horizon, student.pred_horizon)
+    logger = make_logger(cfg, run_dir, run_dir.name)
+    print(f"distill {cfg.teacher} ({teacher.num_params() / 1e6:.2f}M) -> consistency student "
+          f"({student.num_params() / 1e6:.2f}M), objective {cfg.agent.objective}, -> {run_dir}")
+    full_cfg = {**OmegaConf.to_container(cfg), "task": task_cfg}
+    agent = DistillAgent(agent_cfg, student, teacher, data, run_dir, logger, seed=int(cfg.seed),
+                         meta={"task": task_cfg["name"], "dataset": str(path), "config": full_cfg,
+                               "teacher": {"checkpoint": tmeta["checkpoint_path"],
+                                           "sha256": tmeta["checkpoint_sha256"]}})
     if ckpt is not None:
         agent.load(ckpt)
         print(f"resumed from {ckpt} at step {agent.step}")

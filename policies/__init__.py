@@ -1,4 +1,5 @@
-"""Policies: Diffusion Policy (CNN U-Net) and an MLP regression baseline behind one contract (:class:`Policy`).
+"""Policies behind one contract (:class:`Policy`): Diffusion Policy (CNN U-Net), its distilled one-step
+ConsistencyPolicy, the StreamingPolicy (SDP), and an MLP regression baseline.
 
 ``make_policy(name, obs_spec, action_spec, cfg)`` builds one; ``policy_from_description(policy.describe())`` plus
 ``load_state_dict`` rebuilds it from checkpoint metadata. This package imports only torch, numpy and
@@ -10,19 +11,22 @@ from collections.abc import Mapping
 from typing import Any
 
 from distillery.policies.base import Policy
+from distillery.policies.consistency import ConsistencyPolicy
 from distillery.policies.diffusion import DiffusionPolicy
 from distillery.policies.ema import EMA
 from distillery.policies.mlp import MLPPolicy
 from distillery.policies.normalizer import Normalizer
 from distillery.policies.schedule import NoiseSchedule, SamplerSpec, parse_sampler
+from distillery.policies.streaming import StreamingPolicy
 from distillery.specs import ObservationSpec, TensorSpec, obs_spec_from_json
 
 __all__ = [
-    "POLICIES", "DiffusionPolicy", "EMA", "MLPPolicy", "NoiseSchedule", "Normalizer", "Policy", "SamplerSpec",
+    "POLICIES", "ConsistencyPolicy", "DiffusionPolicy", "EMA", "MLPPolicy", "NoiseSchedule", "Normalizer", "Policy", "SamplerSpec", "StreamingPolicy",
     "make_policy", "parse_sampler", "policy_from_description", "register_policy",
 ]
 
-POLICIES: dict[str, type[Policy]] = {"diffusion": DiffusionPolicy, "mlp": MLPPolicy}
+POLICIES: dict[str, type[Policy]] = {"diffusion": DiffusionPolicy, "mlp": MLPPolicy, "consistency": ConsistencyPolicy,
+                                     "streaming": StreamingPolicy}
 
 
 def register_policy(cls: type[Policy]) -> type[Policy]:

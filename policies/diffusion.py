@@ -28,6 +28,7 @@ class DiffusionPolicy(Policy):
     name: ClassVar[str] = "diffusion"
     SAMPLER_KINDS: ClassVar[tuple[str, ...]] = ("ddpm", "ddim", "rti")
     EVAL_SAMPLERS: ClassVar[tuple[str, ...]] = ("ddpm", "ddim:10")  # `eval` runs these unless `sampler=` is given
+    PER_POSITION_STEPS: ClassVar[bool] = False  # one diffusion step per position (StreamingPolicy)
     DEFAULTS: ClassVar[dict[str, Any]] = {
         **Policy.DEFAULTS,
         # Small enough for CPU training (see the README's policy table); the paper's state net is
@@ -49,7 +50,8 @@ class DiffusionPolicy(Policy):
         c = self.cfg
         self.encoder = make_obs_encoder(obs_spec, self.obs_keys, self.obs_horizon, c["encoder"])
         self.unet = ConditionalUnet1D(self.action_dim, self.encoder.out_dim, c["down_dims"], int(c["step_embed_dim"]),
-                                      int(c["kernel_size"]), int(c["n_groups"]), str(c["activation"]))
+                                      int(c["kernel_size"]), int(c["n_groups"]), str(c["activation"]),
+                                      step_positions=self.pred_horizon if self.PER_POSITION_STEPS else 0)
         self.unet.check_horizon(self.pred_horizon)
         self.schedule = NoiseSchedule(int(c["num_train_steps"]), clip_sample=bool(c["clip_sample"]))
         self.ddim_eta = float(c["ddim_eta"])

@@ -1,6 +1,7 @@
 """Run-time services for training scripts: atomic checkpoints and metric logging."""
 from distillery.runtime.checkpoint import (
     atomic_write_text,
+    checkpoint_sha256,
     flatten_state,
     load_checkpoint,
     resolve_checkpoint,
@@ -11,7 +12,7 @@ from distillery.runtime.checkpoint import (
 )
 
 __all__ = ["save_checkpoint", "load_checkpoint", "flatten_state", "unflatten_state", "update_link",
-           "resolve_checkpoint", "step_dir_name", "atomic_write_text", "Logger"]
+           "resolve_checkpoint", "step_dir_name", "atomic_write_text", "checkpoint_sha256", "Logger"]
 
 
 def __getattr__(name: str):

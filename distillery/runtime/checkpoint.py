@@ -171,6 +171,12 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
     return tensors, meta
 
 
+def checkpoint_sha256(path: str | os.PathLike) -> str | None:
+    """The recorded sha256 of a checkpoint dir's ``model.safetensors`` (identifies the weights), or None."""
+    meta = json.loads((Path(path) / META_FILE).read_text(encoding="utf-8"))
+    return meta.get(_RESERVED, {}).get("files", {}).get(MODEL_FILE, {}).get("sha256")
+
+
 # --------------------------------------------------------------------------- nested states
 def flatten_state(obj: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:
     """Split a nested state into ``({key: Tensor}, json_skeleton)`` with no pickling.

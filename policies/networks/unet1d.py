@@ -19,19 +19,23 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {"mish": nn.Mish, "silu": nn.SiLU}
 
 
 class SinusoidalPosEmb(nn.Module):
-    """Transformer-style embedding of the (integer) diffusion step: ``(B,) -> (B, dim)``."""
+    """Transformer-style embedding of the (integer) diffusion step: ``(B,) -> (B, dim)``; ``(B, T) -> (B, T dim)``
+    with ``flatten``."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, flatten: bool = False) -> None:
         super().__init__()
         if dim < 4 or dim % 2:
             raise ValueError(f"step embedding dim must be even and >= 4, got {dim}")
         self.dim = dim
+        self.flatten = flatten  # (B, T) steps -> (B, T * dim), for per-position steps
 
     def forward(self, t: Tensor) -> Tensor:
+        """``t (...)`` -> ``(..., dim)``."""
         half = self.dim // 2
         freqs = torch.exp(torch.arange(half, device=t.device, dtype=torch.float32) * (-math.log(10000.0) / (half - 1)))
-        arg = t.float()[:, None] * freqs[None, :]
-        return torch.cat([arg.sin(), arg.cos()], dim=-1)
+        arg = t.float().unsqueeze(-1) * freqs
+        emb = torch.cat([arg.sin(), arg.cos()], dim=-1)
+        return emb.flatten(-2) if self.flatten else emb
 
 
 class Conv1dBlock(nn.Sequential):
@@ -72,11 +76,14 @@ class ConditionalUnet1D(nn.Module):
         down_dims: channels per level; the paper's state config is (256, 512, 1024).
         step_embed_dim: ``d`` of the step encoder ``SinPosEmb(d) -> Linear(d, 4d) -> Mish -> Linear(4d, d)``.
         activation: ``"mish"`` (paper) or ``"silu"`` (faster on CPU), used everywhere in the network.
+        step_positions: 0 for one diffusion step per sample (``timestep (B,)``); ``Tp`` for one step per position
+            (``timestep (B, Tp)``, Streaming Diffusion Policy): the ``Tp`` sinusoidal embeddings are concatenated
+            and the first Linear maps ``Tp d -> 4d``.
     """
 
     def __init__(self, action_dim: int, global_cond_dim: int, down_dims: Sequence[int] = (256, 512, 1024),
                  step_embed_dim: int = 256, kernel_size: int = 5, n_groups: int = 8,
-                 activation: str = "mish") -> None:
+                 activation: str = "mish", step_positions: int = 0) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}")
@@ -95,7 +102,10 @@ class ConditionalUnet1D(nn.Module):
         block = lambda ci, co: ConditionalResidualBlock1D(ci, co, cond_dim, kernel_size, n_groups, act)  # noqa: E731
 
         d = step_embed_dim
-        self.step_encoder = nn.Sequential(SinusoidalPosEmb(d), nn.Linear(d, 4 * d), act(), nn.Linear(4 * d, d))
+        self.step_positions = int(step_positions)
+        self.step_encoder = nn.Sequential(SinusoidalPosEmb(d, flatten=bool(step_positions)),
+                                          nn.Linear(d * max(1, self.step_positions), 4 * d), act(),
+                                          nn.Linear(4 * d, d))
         dims = [action_dim] + down_dims
         in_out = list(zip(dims[:-1], dims[1:]))
         self.down = nn.ModuleList()
@@ -129,6 +139,11 @@ class ConditionalUnet1D(nn.Module):
                              f"got {tuple(global_cond.shape)}")
         self.check_horizon(x.shape[1])
         timestep = timestep.expand(x.shape[0]) if timestep.dim() == 0 else timestep
+        if self.step_positions:  # one level per position; a per-sample level applies to all of them
+            timestep = timestep[:, None].expand(-1, x.shape[1]) if timestep.dim() == 1 else timestep
+            if tuple(timestep.shape) != (x.shape[0], self.step_positions):
+                raise ValueError(f"per-position timesteps must be (B, {self.step_positions}), got "
+                                 f"{tuple(timestep.shape)}")
         cond = torch.cat([self.step_encoder(timestep), global_cond], dim=-1)
         h = x.transpose(1, 2)
         skips = []

@@ -1,0 +1,128 @@
+"""Distil a trained :class:`DiffusionPolicy` (teacher) into a one-step :class:`ConsistencyPolicy` (student).
+
+This is :class:`BCAgent` with another objective (same optimiser, schedule, EMA, checkpoints and exact resume).
+Two objectives, chosen by ``agent.objective``:
+
+``output`` (RL-100's lightweight consistency head, "action_same_noise"): teacher and student start from the same
+noise ``z``; the teacher runs its K-step DDIM chain (``agent.teacher_sampler``), the student one step:
+
+    L = || f_theta(z, T-1 | o) - DDIM_K^teacher(z | o) ||^2
+
+``consistency`` (consistency distillation along the teacher's probability-flow ODE, as in Consistency Policy's
+CTM-local variant with adjacent levels): on a grid of ``agent.ode_steps`` levels pick adjacent ``t > s``,
+``x_t = q(x_t | a0)`` from a dataset chunk, ``x_s`` = one deterministic DDIM step (the PF-ODE's Euler step) of
+the frozen teacher, and match the student at ``t`` to an EMA target network at ``s``:
+
+    L = d( f_theta(x_t, t), f_target(x_s, s) ) + w_dsm || f_theta(x_t, t) - a0 ||^2
+
+with ``d`` pseudo-Huber (``sqrt(|x - y|^2 + c^2) - c``, ``c = 0.00054 sqrt(D)``, CP's rule) or squared L2, and
+``f(x, -1) = x`` at the clean end of the grid.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from distillery.agents.bc import BCAgent
+from distillery.policies import ConsistencyPolicy, DiffusionPolicy
+from distillery.policies.schedule import SamplerSpec
+
+OBJECTIVES = ("output", "consistency")
+DISTANCES = ("huber", "l2")
+
+
+def pseudo_huber(x: Tensor, y: Tensor) -> Tensor:
+    """Per-sample ``sqrt(||x - y||^2 + c^2) - c`` with ``c = 0.00054 sqrt(D)`` (Consistency Policy's metric)."""
+    diff = (x - y).flatten(1)
+    c = 0.00054 * diff.shape[1] ** 0.5
+    return ((diff.pow(2).sum(1) + c * c).sqrt() - c).mean()
+
+
+def check_distill_config(cfg: Mapping[str, Any]) -> None:
+    if cfg["objective"] not in OBJECTIVES:
+        raise ValueError(f"agent.objective={cfg['objective']!r}; choose one of {list(OBJECTIVES)}")
+    if cfg["distance"] not in DISTANCES:
+        raise ValueError(f"agent.distance={cfg['distance']!r}; choose one of {list(DISTANCES)}")
+    if not 0.0 <= float(cfg["target_ema"]) < 1.0:
+        raise ValueError(f"agent.target_ema must be in [0, 1), got {cfg['target_ema']}")
+    if int(cfg["ode_steps"]) < 2:
+        raise ValueError(f"agent.ode_steps must be >= 2, got {cfg['ode_steps']}")
+
+
+class DistillAgent(BCAgent):
+    """Trains ``policy`` (a ConsistencyPolicy) to reproduce ``teacher`` (a frozen DiffusionPolicy)."""
+
+    def __init__(self, cfg: Mapping[str, Any], policy: ConsistencyPolicy, teacher: DiffusionPolicy, data: Any,
+                 run_dir: Any, logger: Any, seed: int = 0, evaluate: Any = None,
+                 meta: Mapping[str, Any] | None = None) -> None:
+        check_distill_config(cfg)
+        if (policy.pred_horizon, policy.action_dim) != (teacher.pred_horizon, teacher.action_dim):
+            raise ValueError(f"student predicts ({policy.pred_horizon}, {policy.action_dim}) but the teacher "
+                             f"({teacher.pred_horizon}, {teacher.action_dim}); distillation needs the same chunk shape")
+        super().__init__(cfg, policy, data, run_dir, logger, seed=seed, evaluate=evaluate, meta=meta)
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.objective = str(cfg["objective"])
+        self.teacher_sampler = teacher.parse_sampler(str(cfg["teacher_sampler"]))
+        if self.teacher_sampler.kind != "ddim" or (self.teacher_sampler.eta or 0.0) != 0.0:
+            raise ValueError(f"agent.teacher_sampler={cfg['teacher_sampler']!r}: output matching needs a "
+                             f"deterministic teacher, use 'ddim:K' (eta 0)")
+        self.grid = torch.tensor(teacher.schedule.timesteps(SamplerSpec("ddim", int(cfg["ode_steps"]))))  # (N, 2)
+        self.target = None
+        if self.objective == "consistency":
+            self.target = copy.deepcopy(policy).eval().requires_grad_(False)
+
+    def compute_loss(self, batch: Mapping[str, Any]) -> tuple[Tensor, dict[str, float]]:
+        student, teacher = self.policy, self.teacher
+        nobs, a0 = student.normalized_batch(batch)
+        cond = student.encode_obs(nobs)
+        b = a0.shape[0]
+        with torch.no_grad():
+            cond_teacher = teacher.encode_obs(nobs)
+        if self.objective == "output":
+            z = torch.randn_like(a0)
+            with torch.no_grad():
+                target = teacher.schedule.sample(lambda x, t: teacher.eps(x, t, cond_teacher), tuple(a0.shape),
+                                                 self.teacher_sampler, x_T=z)
+            t_top = torch.full((b,), student.schedule.num_train_steps - 1, device=a0.device)
+            pred = student.consistency_fn(z, t_top, cond)
+            loss = self._distance(pred, target)
+            return loss, {"loss": float(loss.detach())}
+        assert self.target is not None
+        pair = self.grid[torch.randint(0, len(self.grid), (b,))].to(a0.device)  # adjacent (t, s) per sample
+        t, s = pair[:, 0], pair[:, 1]
+        noise = torch.randn_like(a0)
+        x_t = student.schedule.q_sample(a0, t, noise)
+        with torch.no_grad():
+            x_s, _, _ = teacher.schedule.ddim_step(x_t, teacher.eps(x_t, t, cond_teacher), t, s, eta=0.0)
+            target = self.target.consistency_fn(x_s, s.clamp(min=-1), self.target.encode_obs(nobs))
+            target = torch.where((s < 0).view(-1, 1, 1), x_s, target)  # f(x, clean) = x
+        pred = student.consistency_fn(x_t, t, cond)
+        cd = self._distance(pred, target)
+        w = float(self.cfg["dsm_weight"])
+        if w == 0:
+            return cd, {"loss": float(cd.detach())}
+        dsm = F.mse_loss(pred, a0)  # denoising score matching in x0 form: the student's clean-chunk regression
+        loss = cd + w * dsm
+        return loss, {"loss": float(loss.detach()), "cd": float(cd.detach()), "dsm": float(dsm.detach())}
+
+    def _distance(self, x: Tensor, y: Tensor) -> Tensor:
+        return pseudo_huber(x, y) if self.cfg["distance"] == "huber" else F.mse_loss(x, y)
+
+    def after_step(self) -> None:
+        if self.target is not None:  # theta^- <- mu theta^- + (1 - mu) theta
+            mu = float(self.cfg["target_ema"])
+            with torch.no_grad():
+                for p_t, p in zip(self.target.parameters(), self.policy.parameters()):
+                    p_t.lerp_(p, 1.0 - mu)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"target": self.target.state_dict()} if self.target is not None else {}
+
+    def load_extra_state(self, state: Mapping[str, Any]) -> None:
+        if self.target is not None and "target" in state:
+            self.target.load_state_dict(state["target"])
