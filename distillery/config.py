@@ -59,6 +59,7 @@ class BCSchema:
 class DistillSchema(BCSchema):
     objective: str = MISSING
     teacher_sampler: str = MISSING
+    multistep_prob: float = MISSING
     ode_steps: int = MISSING
     distance: str = MISSING
     dsm_weight: float = MISSING
@@ -76,6 +77,7 @@ class EvalSchema:
     sampler_episodes: dict[str, int] = MISSING
     latency_calls: int = MISSING
     video_episodes: int = MISSING
+    deploy_episodes: int = MISSING
 
 
 @dataclass
@@ -160,10 +162,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     if name not in AGENT_SCHEMAS:
         raise ConfigError(f"agent.name={name!r} is not an agent; valid agents: {', '.join(AGENT_SCHEMAS)}")
     try:
-        typed = OmegaConf.merge(OmegaConf.structured(RootSchema), cfg)
-        agent = OmegaConf.merge(OmegaConf.structured(AGENT_SCHEMAS[name]), cfg.agent)
-        OmegaConf.set_struct(agent, True)
-        OmegaConf.update(typed, "agent", agent, merge=False)
+        typed = OmegaConf.merge(OmegaConf.structured(RootSchema(agent=AGENT_SCHEMAS[name]())), cfg)
         OmegaConf.to_container(typed, throw_on_missing=True)
     except OmegaConfBaseException as e:
         raise ConfigError(f"invalid config: {e}".strip()) from None
@@ -191,7 +190,7 @@ def _check_choices(cfg: DictConfig) -> None:
     positive = {"episodes": cfg.episodes, "agent.steps": cfg.agent.steps, "agent.batch_size": cfg.agent.batch_size,
                 "eval.num_envs": cfg.eval.num_envs, "collect.num_envs": cfg.collect.num_envs,
                 "agent.checkpoint_every": cfg.agent.checkpoint_every, "agent.log_every": cfg.agent.log_every,
-                "eval.latency_calls": cfg.eval.latency_calls,
+                "eval.latency_calls": cfg.eval.latency_calls, "eval.deploy_episodes": cfg.eval.deploy_episodes,
                 **{f"eval.sampler_episodes.{k}": v for k, v in cfg.eval.sampler_episodes.items()}}
     for key, value in positive.items():
         if value < 1:
@@ -203,8 +202,14 @@ def _check_choices(cfg: DictConfig) -> None:
             raise ConfigError(f"{key} must be >= 0, got {value}")
     if cfg.device != "cpu" and not cfg.device.startswith("cuda"):
         raise ConfigError(f"device={cfg.device!r}; use 'cpu' or 'cuda[:N]'")
-    if cfg.sampler is not None:
-        samplers(cfg)  # parses, raising ConfigError on a bad one
+    if cfg.sampler is not None:  # syntax only: which kinds apply depends on the checkpoint's policy (eval, export)
+        from distillery.policies import parse_sampler
+
+        for s in str(cfg.sampler).split(","):
+            try:
+                parse_sampler(s.strip(), 100)
+            except ValueError as e:
+                raise ConfigError(f"sampler={s.strip()!r}: {e}") from None
 
 
 def _check_policy(cfg: DictConfig) -> None:

@@ -87,6 +87,47 @@ def measure_latency(policy: Policy, env: BatchedEnv, sampler: str | None, calls:
     return float(np.median(times) * 1e3)
 
 
+def evaluate_deployed(export_dir: str | Path, episodes: int, seed: int, threads: int = 1) -> dict[str, Any]:
+    """Closed loop on the export's task the way a robot runs it: one env, one observation per tick as numpy, the
+    policy side only :class:`distillery.deploy.Runtime`. Returns a report row (``runtime = "onnx-runtime"``,
+    latency = median tick that re-planned)."""
+    from distillery.deploy import Runtime
+    from distillery.pipeline import env_from_config
+
+    runtime = Runtime(export_dir, seed=seed, threads=threads)
+    task = runtime.manifest.get("task")
+    if not task or "max_episode_steps" not in task:
+        raise ValueError(f"{export_dir}: the manifest names no task config; export from a training checkpoint")
+    env = env_from_config(task, 1, seed)
+    if runtime.control_dt is not None and abs(env.control_dt - runtime.control_dt) > 1e-9:
+        raise ValueError(f"the env steps every {env.control_dt} s but the policy was exported for "
+                         f"{runtime.control_dt} s per tick")
+    obs = env.reset(seed=seed)
+    played: list[Episode] = []
+    rewards: list[float] = []
+    plan_ms: list[float] = []
+    while len(played) < episodes:
+        plans = runtime.counters["plans"]
+        t0 = time.perf_counter()
+        action = runtime.step({k: obs[k][0].numpy() for k in runtime.obs_keys})
+        if runtime.counters["plans"] > plans:
+            plan_ms.append((time.perf_counter() - t0) * 1e3)
+        obs, reward, terminated, truncated, info = env.step(torch.from_numpy(action)[None])
+        rewards.append(float(reward[0]))
+        if bool(terminated[0] | truncated[0]):  # the env auto-resets; the runtime starts a new episode too
+            n = len(rewards)
+            played.append(Episode({}, np.zeros((n, 0)), np.array(rewards), np.eye(1, n, n - 1, dtype=bool)[0]
+                                  & bool(terminated[0]), np.eye(1, n, n - 1, dtype=bool)[0] & bool(truncated[0])))
+            rewards = []
+            runtime.reset()
+    env.close()
+    m = runtime.manifest
+    return {"policy": m["policy"]["name"], "sampler": m["sampler"], "runtime": "onnx-runtime", **summarize(played),
+            "latency_ms_p50": float(np.median(plan_ms)), "params": m["policy"]["params"],
+            "checkpoint": str(export_dir), "rejected": runtime.counters["rejected"],
+            "clamped": runtime.counters["clamped"]}
+
+
 def write_report(run_dir: str | Path, task: str, episodes: int, seed: int,
                  results: Sequence[Mapping[str, Any]]) -> Path:
     path = Path(run_dir) / REPORT_FILE
@@ -97,12 +138,14 @@ def write_report(run_dir: str | Path, task: str, episodes: int, seed: int,
 
 def format_table(results: Sequence[Mapping[str, Any]]) -> str:
     """Human-readable results table."""
-    head = f"{'policy':<12} {'sampler':<10} {'success':>8} {'95% CI':>13} {'return':>8} {'length':>7} {'ms/chunk':>9}"
+    head = (f"{'policy':<12} {'sampler':<14} {'runtime':<12} {'episodes':>8} {'success':>8} {'95% CI':>13} "
+            f"{'return':>8} {'length':>7} {'ms/chunk':>9}")
     lines = [head, "-" * len(head)]
     for r in results:
         lo, hi = r["success_ci95"]
-        lines.append(f"{r['policy']:<12} {r['sampler']:<10} {r['success_rate']:>8.3f} {f'[{lo:.2f}, {hi:.2f}]':>13} "
-                     f"{r['mean_return']:>8.2f} {r['mean_length']:>7.1f} {r['latency_ms_p50']:>9.2f}")
+        lines.append(f"{r['policy']:<12} {r['sampler']:<14} {r.get('runtime', 'torch'):<12} {r['episodes']:>8} "
+                     f"{r['success_rate']:>8.3f} {f'[{lo:.2f}, {hi:.2f}]':>13} {r['mean_return']:>8.2f} "
+                     f"{r['mean_length']:>7.1f} {r['latency_ms_p50']:>9.2f}")
     return "\n".join(lines)
 
 

@@ -6,6 +6,7 @@ Each stage takes a validated config (:func:`distillery.config.compose`), writes 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -250,7 +251,8 @@ def evaluate(cfg: DictConfig, checkpoints: dict[str, str | Path] | None = None,
                                               int(cfg.eval.video_episodes))
             bar.close()
             latency = measure_latency(policy, latency_env, s, int(cfg.eval.latency_calls))
-            row = {"policy": label or policy.name, "sampler": sampler, **summary, "latency_ms_p50": latency,
+            row = {"policy": label or policy.name, "sampler": sampler, "runtime": "torch", **summary,
+                   "latency_ms_p50": latency,
                    "params": policy.num_params(), "checkpoint": meta["checkpoint_path"],
                    "eval_wall_s": time.perf_counter() - t0}
             results.append(row)
@@ -266,7 +268,12 @@ def evaluate(cfg: DictConfig, checkpoints: dict[str, str | Path] | None = None,
 
 # ----------------------------------------------------------------------------------------------- demo
 def demo(overrides: list[str]) -> Path:
-    """collect -> train diffusion and the MLP baseline on the same data -> evaluate both -> report.json."""
+    """collect -> train diffusion and the MLP baseline on the same data -> distil the diffusion teacher into a
+    one-step consistency student -> evaluate all three -> export the student to ONNX -> run the export in closed
+    loop through the torch-free deploy runtime -> one report.json with every row."""
+    from distillery.deploy.export import export as export_stage
+    from distillery.evaluate import evaluate_deployed, format_table, write_report
+
     t0 = time.perf_counter()
     base = config_mod.compose(["experiment=demo", *overrides])
     root = Path(base.run_dir) if base.run_dir else RUNS_DIR / f"{dt.datetime.now():%Y%m%d-%H%M%S}_demo"
@@ -278,9 +285,16 @@ def demo(overrides: list[str]) -> Path:
         cfg = config_mod.compose(["experiment=demo", f"policy={policy}", *common,
                                   f"run_dir={root / ('train_' + policy)}"])
         runs[policy] = train(cfg)
+    runs["consistency"] = distill(config_mod.compose(["experiment=demo", "agent=distill", *common,
+                                                      f"teacher={runs['diffusion']}", f"run_dir={root / 'distill'}"]))
     eval_cfg = config_mod.compose(["experiment=demo", *common, f"run_dir={root}"])
     root.mkdir(parents=True, exist_ok=True)
-    report = evaluate(eval_cfg, runs, run_dir=root)
+    report = evaluate(eval_cfg, {k: runs[k] for k in ("diffusion", "consistency", "mlp")}, run_dir=root)
+    export_dir = export_stage(config_mod.compose(["experiment=demo", *common, f"checkpoint={runs['consistency']}",
+                                                  "sampler=consistency:1", f"export.out_dir={root / 'export'}"]))
+    deployed = evaluate_deployed(export_dir, int(eval_cfg.eval.deploy_episodes), int(eval_cfg.seed))
+    results = json.loads(report.read_text())["results"] + [deployed]
+    report = write_report(root, base.task.name, int(eval_cfg.episodes), int(eval_cfg.seed), results)
+    print(format_table(results))
     print(f"demo finished in {(time.perf_counter() - t0) / 60:.1f} min")
     return report
-

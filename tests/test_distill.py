@@ -16,7 +16,7 @@ NET = {"down_dims": [16, 32], "step_embed_dim": 16, "n_groups": 4, "pred_horizon
 BC = {"steps": 150, "batch_size": 64, "lr": 3e-3, "weight_decay": 1e-6, "betas": [0.95, 0.999], "warmup_steps": 10,
       "grad_clip": 1.0, "ema": False, "ema_power": 0.75, "ema_max_decay": 0.9999, "log_every": 1, "eval_every": 0,
       "eval_episodes": 1, "checkpoint_every": 10_000}
-DISTILL = {**BC, "objective": "output", "teacher_sampler": "ddim:5", "ode_steps": 10, "distance": "l2",
+DISTILL = {**BC, "objective": "output", "teacher_sampler": "ddim:5", "multistep_prob": 0.3, "ode_steps": 10, "distance": "l2",
            "dsm_weight": 0.0, "target_ema": 0.9, "init_from_teacher": True, "student": {}}
 
 
@@ -64,25 +64,35 @@ def make_student(teacher):
     return student
 
 
-def gap_to_teacher(student, teacher, data, sampler: str) -> float:
-    """Mean squared gap (normalised units) between student(z) and the teacher's chain from the same held-out z."""
+def gap_to_teacher(student, teacher, data, level: int | None = None) -> float:
+    """Mean squared gap (normalised units) between the student and the teacher's ddim:5 sample from held-out z:
+    ``consistency:1`` from z itself (``level=None``), or one student step from the sample re-noised to ``level``
+    (what each later step of ``consistency:N`` does)."""
     batch = data.random_batch(128, generator=torch.Generator().manual_seed(123))
     nobs, _ = teacher.normalized_batch(batch)
     z = torch.randn(128, 8, 2, generator=torch.Generator().manual_seed(456))
     with torch.no_grad():
         cond = teacher.encode_obs(nobs)
         want = teacher.schedule.sample(lambda x, t: teacher.eps(x, t, cond), z.shape, SamplerSpec("ddim", 5), x_T=z)
-        got = student.eval().sample_normalized(nobs, sampler, None, noise=z)
+        if level is None:
+            got = student.eval().sample_normalized(nobs, "consistency:1", None, noise=z)
+        else:
+            t = torch.full((128,), level)
+            got = student.eval().consistency_fn(teacher.schedule.q_sample(want, t, z), t, student.encode_obs(nobs))
     return float((got - want).pow(2).mean())
 
 
 def test_output_distillation_approaches_the_teacher_on_held_out_noise(data, teacher, tmp_path):
     student = make_student(teacher)
-    before = gap_to_teacher(student, teacher, data, "consistency:1")
+    before = gap_to_teacher(student, teacher, data)
+    before_mid = [gap_to_teacher(student, teacher, data, level) for level in (66, 32)]
     logger = ListLogger()
     torch.manual_seed(1)
     DistillAgent({**DISTILL, "ema": False}, student, teacher, data, tmp_path, logger, seed=1).train()
-    after = gap_to_teacher(student, teacher, data, "consistency:1")
+    after = gap_to_teacher(student, teacher, data)
+    after_mid = [gap_to_teacher(student, teacher, data, level) for level in (66, 32)]
+    for b, a in zip(before_mid, after_mid):  # the levels consistency:3 re-noises to were trained (multistep_prob)
+        assert a < 0.25 * b and a < 0.05, (before_mid, after_mid)
     losses = [m["train/loss"] for _, m in logger.rows]
     assert np.mean(losses[-20:]) < 0.5 * np.mean(losses[:20])
     assert after < 0.25 * before, (before, after)
