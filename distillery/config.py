@@ -65,7 +65,7 @@ class DistillSchema(BCSchema):
     dsm_weight: float = MISSING
     target_ema: float = MISSING
     init_from_teacher: bool = MISSING
-    student: dict[str, Any] = MISSING
+    student: Optional[dict[str, Any]] = MISSING
 
 
 AGENT_SCHEMAS: dict[str, type] = {"bc": BCSchema, "distill": DistillSchema}
