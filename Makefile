@@ -31,7 +31,7 @@ test-slow: setup
 bench: setup
 	mkdir -p benchmarks/results
 	$(BIN)/python benchmarks/env_throughput.py --json benchmarks/results/env_throughput.json
-	$(BIN)/python benchmarks/policy_latency.py --json benchmarks/results/policy_latency.json
+	$(BIN)/python benchmarks/policy_latency.py --json benchmarks/results/latency_random_weights.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

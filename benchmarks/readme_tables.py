@@ -21,13 +21,24 @@ COLUMNS = {
                   ("params", "params", "{:,}"), ("episodes", "episodes", "{}")],
     "env_throughput": [("task", "task", "{}"), ("envs", "num_envs", "{}"), ("ours steps/s", "ours_steps_per_s",
                        "{:,.0f}"), ("raw Batch steps/s", "raw_steps_per_s", "{:,.0f}"), ("ratio", "ratio", "{:.2f}")],
-    "policy_latency": [("policy", "policy", "{}"), ("sampler", "sampler", "{}"), ("runtime", "runtime", "{}"),
-                       ("params", "params", "{:,}"), ("ms / chunk p50", "latency_ms_p50", "{:.2f}")],
+    "policy_latency": [("task", "task", "{}"), ("policy", "policy", "{}"), ("sampler", "sampler", "{}"),
+                       ("runtime", "runtime", "{}"), ("params", "params", "{:,}"),
+                       ("ms / chunk p50", "latency_ms_p50", "{:.2f}"), ("success", "success_rate", "{:.3f}"),
+                       ("95% CI", "success_ci95", "[{0[0]:.2f}, {0[1]:.2f}]"), ("episodes", "episodes", "{}")],
+    "policy_latency_ratios": [("task", "task", "{}"), ("measured in the same run", "what", "{}"),
+                              ("value", "value", "{:.3f}"), ("target", "target", "{}"),
+                              ("met", "met", "{}")],
+    "export_latency": [("policy", "policy", "{}"), ("sampler", "sampler", "{}"), ("params", "params", "{:,}"),
+                       ("torch ms", "torch_ms_p50", "{:.3f}"), ("onnxruntime ms", "onnxruntime_ms_p50", "{:.3f}"),
+                       ("speedup", "speedup", "{:.2f}"), ("max abs diff", "max_abs_diff", "{:.1e}")],
 }
+# tables built from another key of a benchmark's JSON: name -> (file stem, key)
+SOURCES = {"policy_latency_ratios": ("policy_latency", "ratios")}
 
 
 def table(name: str) -> str:
-    files = sorted(RESULTS.glob(f"{name}*.json"))
+    stem, key = SOURCES.get(name, (name, "rows"))
+    files = sorted(RESULTS.glob(f"{stem}.json")) + sorted(RESULTS.glob(f"{stem}_*.json"))
     if not files:
         return f"_no results yet: run the command above to create benchmarks/results/{name}*.json_"
     cols = COLUMNS[name]
@@ -37,7 +48,9 @@ def table(name: str) -> str:
         data = json.loads(f.read_text())
         if data.get("command"):
             commands.append(data["command"])
-        for row in data["rows"]:
+        elif data.get("argv"):
+            commands.append(f"python benchmarks/{data['benchmark']}.py " + " ".join(data["argv"]))
+        for row in data.get(key, []):
             lines.append("| " + " | ".join(fmt.format(row[key]) if key in row else "" for _, key, fmt in cols) + " |")
     src = ", ".join(f"`{f.relative_to(ROOT)}`" for f in files)
     return "\n".join(lines) + f"\n\n<sub>Generated from {src}" + \
