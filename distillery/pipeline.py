@@ -104,6 +104,16 @@ def _progress(total: int, desc: str):
 
 
 # ----------------------------------------------------------------------------------------------- train
+def _run_agent(agent: Any, ckpt: Path | None, logger: Any, run_dir: Path) -> Path:
+    """Resume ``agent`` from ``ckpt`` if given, train it to its last step, close the logger."""
+    if ckpt is not None:
+        agent.load(ckpt)
+        print(f"resumed from {ckpt} at step {agent.step}")
+    agent.train()
+    logger.close()
+    return run_dir
+
+
 def _start_run(cfg: DictConfig, resume: str | Path | None, command: str) -> tuple[DictConfig, Path, Path | None]:
     """``(cfg, run_dir, checkpoint to resume or None)``: a resumed run takes its config from its run dir."""
     from distillery.runtime import resolve_checkpoint
@@ -155,12 +165,7 @@ def train(cfg: DictConfig, resume: str | Path | None = None) -> Path:
 
     agent = BCAgent(cfg.agent, policy, data, run_dir, logger, seed=int(cfg.seed), evaluate=periodic_eval,
                     meta={"task": cfg.task.name, "dataset": str(path), "config": OmegaConf.to_container(cfg)})
-    if ckpt is not None:
-        agent.load(ckpt)
-        print(f"resumed from {ckpt} at step {agent.step}")
-    agent.train()
-    logger.close()
-    return run_dir
+    return _run_agent(agent, ckpt, logger, run_dir)
 
 
 # ----------------------------------------------------------------------------------------------- distill
@@ -209,12 +214,7 @@ def distill(cfg: DictConfig, resume: str | Path | None = None) -> Path:
                          meta={"task": task_cfg["name"], "dataset": str(path), "config": full_cfg,
                                "teacher": {"checkpoint": tmeta["checkpoint_path"],
                                            "sha256": tmeta["checkpoint_sha256"]}})
-    if ckpt is not None:
-        agent.load(ckpt)
-        print(f"resumed from {ckpt} at step {agent.step}")
-    agent.train()
-    logger.close()
-    return run_dir
+    return _run_agent(agent, ckpt, logger, run_dir)
 
 
 # ----------------------------------------------------------------------------------------------- eval

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import ListLogger
 
 from distillery.agents.bc import BCAgent, cosine_with_warmup
 from distillery.data import EpisodeDataset, EpisodeWriter, SequenceDataset
@@ -16,18 +17,6 @@ from distillery.specs import TensorSpec
 AGENT_CFG = {"steps": 8, "batch_size": 16, "lr": 1e-3, "weight_decay": 1e-6, "betas": [0.95, 0.999],
              "warmup_steps": 2, "grad_clip": 1.0, "ema": True, "ema_power": 0.75, "ema_max_decay": 0.9999,
              "log_every": 1, "eval_every": 0, "eval_episodes": 1, "checkpoint_every": 4}
-
-
-class ListLogger:
-    def __init__(self):
-        self.rows = []
-
-    def log(self, metrics, step):
-        self.rows.append((step, dict(metrics)))
-
-    def progress(self, total, desc=""):
-        from tqdm import tqdm
-        return tqdm(total=total, disable=True)
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import ListLogger
 
 from distillery.agents import BCAgent, DistillAgent
 from distillery.data import EpisodeDataset, EpisodeWriter, SequenceDataset
@@ -18,18 +19,6 @@ BC = {"steps": 150, "batch_size": 64, "lr": 3e-3, "weight_decay": 1e-6, "betas":
       "eval_episodes": 1, "checkpoint_every": 10_000}
 DISTILL = {**BC, "objective": "output", "teacher_sampler": "ddim:5", "multistep_prob": 0.3, "ode_steps": 10, "distance": "l2",
            "dsm_weight": 0.0, "target_ema": 0.9, "init_from_teacher": True, "student": None}
-
-
-class ListLogger:
-    def __init__(self):
-        self.rows = []
-
-    def log(self, metrics, step):
-        self.rows.append((step, dict(metrics)))
-
-    def progress(self, total, desc=""):
-        from tqdm import tqdm
-        return tqdm(total=total, disable=True)
 
 
 @pytest.fixture(scope="module")

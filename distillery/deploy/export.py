@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime as dt
-import hashlib
 import json
 import logging
 import os
@@ -258,23 +257,15 @@ def _parity(policy: Policy, sampler: str | None, model_path: Path, fmt: str, inp
     return {"backend": backend, "batch_sizes": batches, "max_abs_diff": worst}
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _source_record(source_checkpoint: str | os.PathLike | None, meta: Mapping[str, Any]) -> dict[str, Any] | None:
-    from distillery.runtime.checkpoint import MODEL_FILE, resolve_checkpoint
+    from distillery.runtime.checkpoint import MODEL_FILE, resolve_checkpoint, sha256_file
 
     path = source_checkpoint if source_checkpoint is not None else meta.get("checkpoint_path")
     if path is None:
         return None
     ckpt = resolve_checkpoint(path)
     # hash the bytes themselves (not the copy recorded in meta.json): this is what the export was made from
-    return {"path": str(Path(ckpt).resolve()), "file": MODEL_FILE, "sha256": _sha256_file(Path(ckpt) / MODEL_FILE),
+    return {"path": str(Path(ckpt).resolve()), "file": MODEL_FILE, "sha256": sha256_file(Path(ckpt) / MODEL_FILE),
             "step": meta.get("step")}
 
 

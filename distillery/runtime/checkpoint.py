@@ -37,7 +37,7 @@ _STEP_RE = re.compile(r"(\d+)$")
 
 
 # --------------------------------------------------------------------------- atomic files
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -81,7 +81,7 @@ def save_checkpoint(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor]
         save_file(cpu, tmp / MODEL_FILE)
         full_meta = json.loads(meta_text)
         full_meta[_RESERVED] = {"format": CHECKPOINT_FORMAT, "files": {MODEL_FILE: {
-            "sha256": _sha256(tmp / MODEL_FILE), "bytes": (tmp / MODEL_FILE).stat().st_size}}}
+            "sha256": sha256_file(tmp / MODEL_FILE), "bytes": (tmp / MODEL_FILE).stat().st_size}}}
         (tmp / META_FILE).write_text(json.dumps(full_meta, indent=1), encoding="utf-8")
         for f in (tmp / MODEL_FILE, tmp / META_FILE, tmp):
             fsync_path(f)
@@ -160,7 +160,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
         raise ValueError(f"checkpoint {path} has format {info['format']}, this distillery reads format "
                          f"{CHECKPOINT_FORMAT}; use the distillery version that wrote it")
     expected = info.get("files", {}).get(MODEL_FILE, {}).get("sha256")
-    if verify and expected is not None and _sha256(model_path) != expected:
+    if verify and expected is not None and sha256_file(model_path) != expected:
         raise ValueError(f"checkpoint file {model_path} is corrupt (sha256 mismatch with {meta_path}); use another "
                          f"checkpoint or pass verify=False to load it anyway")
     try:
