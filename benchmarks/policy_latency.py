@@ -1,6 +1,7 @@
 """Batch-1 CPU latency per action chunk, and closed-loop success, of every fast sampler side by side.
 
-    # trained policies of one or more tasks (a case dir holds train_diffusion/, distill/, train_streaming/, export/)
+    # trained policies of one or more tasks (a case dir holds train_diffusion/, train_streaming/, and one or more
+    # students distill<suffix>/ with their exports export<suffix>/)
     python benchmarks/policy_latency.py --case push_cube=runs/bench/push_cube --case lift_cube=runs/bench/lift_cube \
         --episodes 200 --json benchmarks/results/policy_latency.json
     # latency only, random weights (no trained runs needed)
@@ -41,10 +42,19 @@ PAPER_OBS = {"state": TensorSpec((20,), description="Push-T state: 9 keypoints +
 PAPER_CFG = {"down_dims": [256, 512, 1024], "step_embed_dim": 256, "kernel_size": 5, "n_groups": 8,
              "encoder": {"type": "identity"}}
 RTI = "rti:3"  # push_cube teacher, 50 episodes: rti:2 / rti:3 / rti:5 -> 0.34 / 0.90 / 0.92 (ddim:10 0.94)
-# (label, case sub-directory, sampler)
+# (label, case sub-directory, sampler); every `distill<suffix>/` of a case is a student labelled
+# `consistency<suffix>`, and `export<suffix>/` its ONNX export
 TORCH_ROWS = [("diffusion", "train_diffusion", "ddpm"), ("diffusion", "train_diffusion", "ddim:10"),
               ("diffusion", "train_diffusion", RTI), ("streaming", "train_streaming", "streaming"),
               ("consistency", "distill", "consistency:1"), ("consistency", "distill", "consistency:3")]
+
+
+def case_rows(case: Path) -> list[tuple[str, str, str]]:
+    rows = [r for r in TORCH_ROWS if r[1] != "distill"]
+    for student in sorted(p.name for p in case.glob("distill*")):
+        suffix = student[len("distill"):]
+        rows += [("consistency" + suffix, student, s) for s in ("consistency:1", "consistency:3")]
+    return rows
 
 
 def median_ms(fn: Callable[[], Any], iters: int, warmup: int = 3) -> float:
@@ -110,7 +120,7 @@ def run_case(task: str, case: Path, episodes: int, iters: int, threads: int, see
         sr = f"{row['success_rate']:.3f} ({row['episodes']} ep)" if episodes else "-"
         print(f"  {task:<10} {label:<12} {sampler:<14} {runtime:<6} {latency:10.3f} ms   success {sr}", flush=True)
 
-    for label, sub, sampler in TORCH_ROWS:
+    for label, sub, sampler in case_rows(case):
         path = case / sub
         if not path.exists():
             print(f"  {task:<10} {label:<12} {sampler:<14} skipped: {path} does not exist", flush=True)
@@ -121,9 +131,12 @@ def run_case(task: str, case: Path, episodes: int, iters: int, threads: int, see
         latency_env = latency_env or env_from_config(meta["config"]["task"], 1, seed)
         latency = measure_latency(policy, latency_env, sampler, iters)
         add(label, policy, sampler, "torch", latency, meta["config"]["task"])
-    export = case / "export"
-    if export.exists() and "distill" in loaded:
-        policy, meta = loaded["distill"]
+    for student in sorted(k for k in loaded if k.startswith("distill")):
+        suffix = student[len("distill"):]
+        export = case / ("export" + suffix)
+        if not export.exists():
+            continue
+        policy, meta = loaded[student]
         sess, manifest = onnx_session(export, threads)
         fn = onnx_chunk_fn(sess, policy)
         obs = latency_env.reset(seed=0)
@@ -131,7 +144,7 @@ def run_case(task: str, case: Path, episodes: int, iters: int, threads: int, see
         latency = median_ms(lambda: fn(hist), iters * 5)
         policy.predict_chunk = fn  # type: ignore[method-assign]  # closed loop through the ONNX graph
         try:
-            add("consistency", policy, manifest["sampler"], "onnx", latency, meta["config"]["task"])
+            add("consistency" + suffix, policy, manifest["sampler"], "onnx", latency, meta["config"]["task"])
         finally:
             del policy.predict_chunk
     if latency_env is not None:
@@ -182,25 +195,27 @@ def run_paper(iters: int, paper_ddpm: bool) -> list[dict[str, Any]]:
 def ratios(rows: list[dict[str, Any]]) -> list[tuple[str, str, float, str, bool]]:
     """(task, what, value, target, met) for the issue's targets, from rows of the same run."""
     out = []
+    lat = lambda r: r["latency_ms_p50"]  # noqa: E731
     for task in sorted({r["task"] for r in rows if r["policy"] != "dp-paper-config"}):
-        by = {(r["sampler"], r["runtime"]): r for r in rows if r["task"] == task}
-        c1, ddim, ddpm = by.get(("consistency:1", "torch")), by.get(("ddim:10", "torch")), by.get(("ddpm", "torch"))
-        stream, onnx = by.get(("streaming", "torch")), by.get(("consistency:1", "onnx"))
-        lat = lambda r: r["latency_ms_p50"]  # noqa: E731
-        if c1 and ddpm:
-            v = lat(ddpm) / lat(c1)
-            out.append((task, "ddpm / consistency:1 latency", v, ">= 50", v >= 50))
-        if c1 and ddim:
-            v = lat(ddim) / lat(c1)
-            out.append((task, "ddim:10 / consistency:1 latency", v, ">= 6", v >= 6))
-        if onnx:
-            out.append((task, "onnx consistency:1 ms", lat(onnx), "<= 1", lat(onnx) <= 1.0))
+        by = {(r["policy"], r["sampler"], r["runtime"]): r for r in rows if r["task"] == task}
+        ddim, ddpm = by.get(("diffusion", "ddim:10", "torch")), by.get(("diffusion", "ddpm", "torch"))
+        stream = by.get(("streaming", "streaming", "torch"))
+        for student in sorted({p for p, _, _ in by if p.startswith("consistency")}):
+            c1, onnx = by.get((student, "consistency:1", "torch")), by.get((student, "consistency:1", "onnx"))
+            if c1 and ddpm:
+                v = lat(ddpm) / lat(c1)
+                out.append((task, f"ddpm / {student} consistency:1 latency", v, ">= 50", v >= 50))
+            if c1 and ddim:
+                v = lat(ddim) / lat(c1)
+                out.append((task, f"ddim:10 / {student} consistency:1 latency", v, ">= 6", v >= 6))
+            if onnx:
+                out.append((task, f"{student} consistency:1 onnx ms", lat(onnx), "<= 1", lat(onnx) <= 1.0))
+            if c1 and ddim and "success_rate" in c1:
+                v = c1["success_rate"] / max(ddim["success_rate"], 1e-9)
+                out.append((task, f"{student} consistency:1 / teacher ddim:10 success", v, ">= 0.95", v >= 0.95))
         if stream and ddim:
             v = lat(ddim) / lat(stream)
             out.append((task, "ddim:10 / streaming latency", v, ">= 2", v >= 2))
-        if c1 and ddim and "success_rate" in c1:
-            v = c1["success_rate"] / max(ddim["success_rate"], 1e-9)
-            out.append((task, "consistency:1 / teacher ddim:10 success", v, ">= 0.95", v >= 0.95))
         if stream and ddim and "success_rate" in stream:
             v = stream["success_rate"] - ddim["success_rate"]
             out.append((task, "streaming - ddim:10 success", v, ">= -0.05", v >= -0.05))
@@ -210,7 +225,7 @@ def ratios(rows: list[dict[str, Any]]) -> list[tuple[str, str, float, str, bool]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--case", action="append", default=[], metavar="TASK=DIR",
-                    help="trained runs of TASK in DIR/{train_diffusion,distill,train_streaming,export}")
+                    help="trained runs of TASK in DIR/{train_diffusion,train_streaming,distill*,export*}")
     ap.add_argument("--episodes", type=int, default=200, help="success episodes per row (0 = latency only)")
     ap.add_argument("--threads", type=int, default=1, help="torch/onnxruntime threads (default 1)")
     ap.add_argument("--iters", type=int, default=20, help="timed batch-1 calls per row")

@@ -21,6 +21,9 @@ from distillery.cli import main
     (["sampler=ddim:x"], ["ddim:x", "Valid forms"]),
     (["policy.action_horizon=20"], ["exceeds", "pred_horizon"]),
     (["policy=mlp", "policy.obs_keys=[camera]"], ["camera"]),
+    (["agent=distill", "agent.objective=magic"], ["agent.objective", "output", "consistency"]),
+    (["agent=distill", "agent.steps=abc"], ["agent.steps", "abc"]),
+    (["policy=streaming", "policy.stream_steps=20"], ["stream_steps"]),
 ])
 def test_config_errors_name_the_problem(overrides, expected):
     with pytest.raises(config_mod.ConfigError) as err:
@@ -46,7 +49,7 @@ def test_policy_yaml_lists_every_policy_key():
     """The YAML files are the documented defaults: each lists exactly the keys its policy class accepts."""
     from distillery.policies import POLICIES
 
-    for name in ("diffusion", "mlp", "diffusion_dp_paper"):
+    for name in ("diffusion", "mlp", "diffusion_dp_paper", "streaming"):
         cfg = config_mod.compose([f"policy={name}"])
         assert set(cfg.policy.keys()) - {"name"} == set(POLICIES[cfg.policy.name].DEFAULTS)
     for name in ("diffusion", "mlp"):  # and the default files hold the class defaults: one set of defaults
@@ -85,6 +88,22 @@ def test_collect_train_eval_end_to_end(tmp_path, monkeypatch, capsys):
 
     (gif,) = (tmp_path / "ev").glob("video_diffusion_ddim-2_0.gif")
     assert 1 < Image.open(gif).n_frames <= 200  # push_cube episodes last at most 200 control steps
+
+    # distill the trained policy into a one-step student; eval and a second distill read its checkpoint
+    distill = ["distill", "teacher=tr", "agent.steps=2", "agent.batch_size=8", "agent.teacher_sampler=ddim:2",
+               "agent.log_every=1", "logger.wandb=false"]
+    assert main([*distill, "run_dir=ds"]) == 0
+    assert (tmp_path / "ds" / "checkpoints" / "last" / "model.safetensors").is_file()
+    assert main(["eval", "checkpoint=ds", "episodes=2", "eval.num_envs=2", "eval.latency_calls=1",
+                 "run_dir=ev2"]) == 0
+    rows = json.loads((tmp_path / "ev2" / "report.json").read_text())["results"]
+    assert [(r["policy"], r["sampler"]) for r in rows] == [("consistency", "consistency:1"),
+                                                           ("consistency", "consistency:3")]
+    capsys.readouterr()
+    assert main([*distill, "teacher=ds", "run_dir=ds2"]) == 2  # a student is no teacher
+    assert "needs a diffusion policy" in capsys.readouterr().err
+    assert main(["distill", "logger.wandb=false", "run_dir=ds3"]) == 2
+    assert "teacher=" in capsys.readouterr().err
 
 
 def test_eval_without_checkpoint_is_a_clear_error(capsys):
