@@ -195,8 +195,8 @@ def _check_choices(cfg: DictConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
-    for key in ("expert_noise", "collect.action_noise", "agent.lr", "agent.weight_decay", "agent.warmup_steps", "agent.eval_every",
-                "eval.video_episodes"):
+    for key in ("expert_noise", "collect.action_noise", "agent.lr", "agent.weight_decay", "agent.warmup_steps",
+                "agent.eval_every", "eval.video_episodes"):
         value = OmegaConf.select(cfg, key)
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")

@@ -21,7 +21,8 @@ from distillery.policies.streaming import StreamingPolicy
 from distillery.specs import ObservationSpec, TensorSpec, obs_spec_from_json
 
 __all__ = [
-    "POLICIES", "ConsistencyPolicy", "DiffusionPolicy", "EMA", "MLPPolicy", "NoiseSchedule", "Normalizer", "Policy", "SamplerSpec", "StreamingPolicy",
+    "POLICIES", "ConsistencyPolicy", "DiffusionPolicy", "EMA", "MLPPolicy", "NoiseSchedule", "Normalizer", "Policy",
+    "SamplerSpec", "StreamingPolicy",
     "make_policy", "parse_sampler", "policy_from_description", "register_policy",
 ]
 

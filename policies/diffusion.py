@@ -111,7 +111,9 @@ class DiffusionPolicy(Policy):
         does, which is exactly ``ddim:M`` (same noise draws)."""
         full = self.schedule.timesteps(SamplerSpec("ddim", spec.grid))
         x = torch.randn(shape, generator=generator, device=self.device) if noise is None else noise
-        warm = carry["valid"] if carry is not None and spec.steps < spec.grid else torch.zeros(shape[0], dtype=bool)
+        warm = torch.zeros(shape[0], dtype=torch.bool, device=x.device)
+        if carry is not None and spec.steps < spec.grid:
+            warm = carry["valid"]
         seq = torch.empty_like(x)
         if bool(warm.any()):
             rows = warm.nonzero().squeeze(1)

@@ -235,7 +235,7 @@ class NoiseSchedule(nn.Module):
     def sample(self, eps_fn: DenoiseFn, shape: tuple[int, ...], spec: SamplerSpec, default_eta: float = 0.0,
                generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
                x_T: Tensor | None = None) -> Tensor:
-        """Run the reverse chain from ``x_T ~ N(0, I)`` of ``shape = (B, Tp, Da)`` (or the given ``x_T``); returns ``x_0``.
+        """Run the reverse chain from ``x_T ~ N(0, I)`` of ``shape = (B, Tp, Da)`` (or the given ``x_T``) to ``x_0``.
 
         Randomness order (kept fixed so samplers are comparable under one generator): ``x_T`` first, then one
         ``N(0, I)`` draw per step for stochastic steps (``ddpm``, ``ddim`` with ``eta > 0``), none when ``eta = 0``.

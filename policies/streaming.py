@@ -115,7 +115,7 @@ class StreamingPolicy(DiffusionPolicy):
         cond = self.encode_obs(nobs)
         shape = (cond.shape[0], self.pred_horizon, self.action_dim)
         x = torch.randn(shape, generator=generator, device=cond.device) if noise is None else noise
-        warm = carry["valid"] if carry is not None else torch.zeros(shape[0], dtype=torch.bool)
+        warm = carry["valid"] if carry is not None else torch.zeros(shape[0], dtype=torch.bool, device=x.device)
         seq = torch.empty_like(x)
         if bool(warm.any()):
             rows = warm.nonzero().squeeze(1)

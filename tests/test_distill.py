@@ -17,8 +17,8 @@ NET = {"down_dims": [16, 32], "step_embed_dim": 16, "n_groups": 4, "pred_horizon
 BC = {"steps": 150, "batch_size": 64, "lr": 3e-3, "weight_decay": 1e-6, "betas": [0.95, 0.999], "warmup_steps": 10,
       "grad_clip": 1.0, "ema": False, "ema_power": 0.75, "ema_max_decay": 0.9999, "log_every": 1, "eval_every": 0,
       "eval_episodes": 1, "checkpoint_every": 10_000}
-DISTILL = {**BC, "objective": "output", "teacher_sampler": "ddim:5", "multistep_prob": 0.3, "ode_steps": 10, "distance": "l2",
-           "dsm_weight": 0.0, "target_ema": 0.9, "init_from_teacher": True, "student": None}
+DISTILL = {**BC, "objective": "output", "teacher_sampler": "ddim:5", "multistep_prob": 0.3, "ode_steps": 10,
+           "distance": "l2", "dsm_weight": 0.0, "target_ema": 0.9, "init_from_teacher": True, "student": None}
 
 
 @pytest.fixture(scope="module")
