@@ -15,7 +15,7 @@ COMMANDS = {
     "distill": "diffusion teacher -> one-step consistency policy (teacher=CKPT, agent.objective=output|consistency)",
     "eval": "evaluate a checkpoint -> results table + report.json (checkpoint=, episodes=, sampler=)",
     "export": "checkpoint -> policy.onnx + manifest.json for the torch-free runtime (checkpoint=, sampler=, export.*)",
-    "demo": "collect -> train diffusion + MLP -> evaluate both on push_cube (about 20 min on 2 CPU cores)",
+    "demo": "collect -> train diffusion + MLP -> distill -> evaluate -> export -> deploy check (about 40 min)",
     "show": "print the composed config",
 }
 
