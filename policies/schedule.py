@@ -126,6 +126,12 @@ def parse_sampler(text: str, num_train_steps: int) -> SamplerSpec:
 
 
 # --------------------------------------------------------------------------------------------- schedule
+def _gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """``log N(x; mean, diag(std^2))`` summed over all but the batch axis."""
+    z = (x - mean) / std
+    return (-0.5 * z.pow(2) - std.log() - 0.5 * math.log(2 * math.pi)).flatten(1).sum(1)
+
+
 
 class NoiseSchedule(nn.Module):
     """Discrete DDPM schedule with epsilon prediction, fixed_small variance and optional x0 clipping.
@@ -243,6 +249,36 @@ class NoiseSchedule(nn.Module):
         x = torch.randn(shape, generator=generator, device=self.betas.device, dtype=dtype) if x_T is None else x_T
         eta = spec.eta if spec.eta is not None else default_eta
         return self.run_chain(eps_fn, x, self.timesteps(spec), spec.kind == "ddpm", eta, generator)
+
+    def sample_chain(self, eps_fn: DenoiseFn, x_T: Tensor, steps: list[tuple[int, int]], eta: float,
+                     std_min: float = 0.0, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """DDIM(eta) sampling recorded as a chain of Gaussian policies (DPPO / RL-100's denoising MDP).
+
+        Each step draws ``x_prev ~ N(mean, max(std, std_min)^2 I)``. Returns ``(chain (B, K+1, Tp, Da), log_prob
+        (B, K))``: ``chain[:, 0] = x_T``, ``chain[:, -1]`` the sample, ``log_prob[:, k]`` the log-density of step
+        ``k`` summed over the chunk. ``std_min > 0`` keeps steps with ``std = 0`` (the last one) well defined.
+        """
+        chain, log_probs, x = [x_T], [], x_T
+        for t, t_prev in steps:
+            _, mean, std = self.ddim_step(x, eps_fn(x, torch.full((x.shape[0],), t, device=x.device)), t, t_prev,
+                                          eta)
+            std = std.clamp(min=std_min).expand_as(mean)
+            x = mean + std * torch.randn(mean.shape, generator=generator, device=x.device, dtype=x.dtype)
+            chain.append(x)
+            log_probs.append(_gaussian_log_prob(x, mean, std))
+        return torch.stack(chain, 1), torch.stack(log_probs, 1)
+
+    def chain_log_prob(self, eps_fn: DenoiseFn, chain: Tensor, steps: list[tuple[int, int]], eta: float,
+                       std_min: float = 0.0) -> Tensor:
+        """Log-probabilities ``(B, K)`` of a recorded ``chain`` under the current ``eps_fn`` (the PPO ratio's
+        numerator); equals :meth:`sample_chain`'s ``log_prob`` for the network that sampled it."""
+        out = []
+        for k, (t, t_prev) in enumerate(steps):
+            x = chain[:, k]
+            _, mean, std = self.ddim_step(x, eps_fn(x, torch.full((x.shape[0],), t, device=x.device)), t, t_prev,
+                                          eta)
+            out.append(_gaussian_log_prob(chain[:, k + 1], mean, std.clamp(min=std_min).expand_as(mean)))
+        return torch.stack(out, 1)
 
     def run_chain(self, eps_fn: DenoiseFn, x: Tensor, steps: list[tuple[int, int]], ddpm: bool, eta: float,
                   generator: torch.Generator | None = None) -> Tensor:
