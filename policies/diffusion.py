@@ -8,7 +8,7 @@
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -21,7 +21,18 @@ from distillery.policies.networks.unet1d import ConditionalUnet1D
 from distillery.policies.schedule import NoiseSchedule, SamplerSpec, parse_sampler
 from distillery.specs import ObservationSpec, TensorSpec
 
-__all__ = ["DiffusionPolicy"]
+__all__ = ["DiffusionPolicy", "split_rows"]
+
+
+def split_rows(warm: Tensor, out: Tensor, warm_fn: Callable[[Tensor], Tensor],
+               cold_fn: Callable[[Tensor], Tensor]) -> Tensor:
+    """Fill ``out``'s rows with ``warm_fn(rows)`` where ``warm (B,)`` and ``cold_fn(rows)`` elsewhere (envs with and
+    without a previous plan, for warm-started samplers); warm rows first, so generator draws keep one order."""
+    for mask, fn in ((warm, warm_fn), (~warm, cold_fn)):
+        if bool(mask.any()):
+            rows = mask.nonzero().squeeze(1)
+            out[rows] = fn(rows)
+    return out
 
 
 class DiffusionPolicy(Policy):
@@ -114,22 +125,22 @@ class DiffusionPolicy(Policy):
         warm = torch.zeros(shape[0], dtype=torch.bool, device=x.device)
         if carry is not None and spec.steps < spec.grid:
             warm = carry["valid"]
-        seq = torch.empty_like(x)
-        if bool(warm.any()):
-            rows = warm.nonzero().squeeze(1)
+
+        def warm_start(rows: Tensor) -> Tensor:
             prev = carry["prev"][rows]  # type: ignore[index]  # (b, Tp, Da): the last clean plan
             ta = self.action_horizon
             guess = torch.cat([prev[:, ta:], prev[:, -1:].expand(-1, ta, -1)], dim=1)
             t_k = torch.full((len(rows),), full[-spec.steps][0], device=x.device)
             z = torch.randn(guess.shape, generator=generator, device=x.device)
-            start = self.schedule.q_sample(guess, t_k, z)
             c = cond[rows]
-            seq[rows] = self.schedule.run_chain(lambda xx, t: self.eps(xx, t, c), start, full[-spec.steps:],
-                                                False, 0.0)
-        if not bool(warm.all()):
-            rows = (~warm).nonzero().squeeze(1)
+            return self.schedule.run_chain(lambda xx, t: self.eps(xx, t, c), self.schedule.q_sample(guess, t_k, z),
+                                           full[-spec.steps:], False, 0.0)
+
+        def cold_start(rows: Tensor) -> Tensor:
             c = cond[rows]
-            seq[rows] = self.schedule.run_chain(lambda xx, t: self.eps(xx, t, c), x[rows], full, False, 0.0)
+            return self.schedule.run_chain(lambda xx, t: self.eps(xx, t, c), x[rows], full, False, 0.0)
+
+        seq = split_rows(warm, torch.empty_like(x), warm_start, cold_start)
         if carry is not None:
             carry["prev"] = seq
         return seq

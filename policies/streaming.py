@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distillery.policies.diffusion import DiffusionPolicy
+from distillery.policies.diffusion import DiffusionPolicy, split_rows
 from distillery.policies.schedule import SamplerSpec, _bad_sampler, register_sampler_kind
 from distillery.specs import ObservationSpec, TensorSpec
 
@@ -116,14 +116,11 @@ class StreamingPolicy(DiffusionPolicy):
         shape = (cond.shape[0], self.pred_horizon, self.action_dim)
         x = torch.randn(shape, generator=generator, device=cond.device) if noise is None else noise
         warm = carry["valid"] if carry is not None else torch.zeros(shape[0], dtype=torch.bool, device=x.device)
-        seq = torch.empty_like(x)
-        if bool(warm.any()):
-            rows = warm.nonzero().squeeze(1)
-            buffer = self.shift(carry["buffer"][rows], generator)  # type: ignore[index]
-            seq[rows] = self.stream_denoise(buffer, cond[rows])
-        if not bool(warm.all()):
-            rows = (~warm).nonzero().squeeze(1)
-            seq[rows] = self.fill(x[rows], cond[rows], generator)
+        seq = split_rows(
+            warm, torch.empty_like(x),
+            lambda rows: self.stream_denoise(self.shift(carry["buffer"][rows], generator),  # type: ignore[index]
+                                             cond[rows]),
+            lambda rows: self.fill(x[rows], cond[rows], generator))
         if carry is not None:
             carry["buffer"] = seq
         return seq
