@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -21,7 +22,7 @@ from distillery.policies.networks.unet1d import ConditionalUnet1D
 from distillery.policies.schedule import NoiseSchedule, SamplerSpec, parse_sampler
 from distillery.specs import ObservationSpec, TensorSpec
 
-__all__ = ["DiffusionPolicy", "split_rows"]
+__all__ = ["DenoisingMDP", "DiffusionPolicy", "split_rows"]
 
 
 def split_rows(warm: Tensor, out: Tensor, warm_fn: Callable[[Tensor], Tensor],
@@ -33,6 +34,29 @@ def split_rows(warm: Tensor, out: Tensor, warm_fn: Callable[[Tensor], Tensor],
             rows = mask.nonzero().squeeze(1)
             out[rows] = fn(rows)
     return out
+
+
+@dataclass(frozen=True)
+class DenoisingMDP:
+    """A ``ddim:K`` chain with ``eta > 0`` seen as K Gaussian policies (DPPO's inner MDP, RL-100's sub-MDP).
+
+    Only the last ``ft_steps`` steps are RL actions (their log-probs are recorded and trained); the earlier ones run
+    under the frozen pre-RL network. ``std_min_sample`` / ``std_min_logprob`` floor each step's std when drawing
+    and when scoring (DPPO: 0.1 / 0.1; RL-100: 0.0067 for both); ``noise_clip`` clips the standard-normal draw
+    (DPPO: 3). ``executed_only`` scores only the ``Ta`` executed positions of the chunk, as DPPO does.
+    """
+
+    steps: tuple[tuple[int, int], ...]
+    ft_steps: int
+    eta: float = 1.0
+    std_min_sample: float = 0.1
+    std_min_logprob: float = 0.1
+    noise_clip: float | None = 3.0
+    executed_only: bool = True
+
+    @property
+    def ft_grid(self) -> list[tuple[int, int]]:
+        return list(self.steps[len(self.steps) - self.ft_steps:])
 
 
 class DiffusionPolicy(Policy):
@@ -112,6 +136,54 @@ class DiffusionPolicy(Policy):
         spec = self.default_sampler if sampler is None else self.parse_sampler(sampler)
         eta = spec.eta if spec.eta is not None else self.ddim_eta
         return spec.kind == "ddim" and eta == 0
+
+    # -- the denoising chain as an MDP (RL fine-tuning) ---------------------------------------------------
+    def denoising_mdp(self, ddim_steps: int = 10, ft_steps: int | None = None, eta: float = 1.0,
+                      std_min_sample: float = 0.1, std_min_logprob: float = 0.1, noise_clip: float | None = 3.0,
+                      executed_only: bool = True) -> DenoisingMDP:
+        """The ``ddim:ddim_steps`` chain as an MDP whose last ``ft_steps`` (default all) steps are trained."""
+        steps = tuple(self.schedule.timesteps(parse_sampler(f"ddim:{ddim_steps}", self.schedule.num_train_steps)))
+        ft = len(steps) if ft_steps is None else int(ft_steps)
+        if not 1 <= ft <= len(steps):
+            raise ValueError(f"ft_steps must be in [1, ddim_steps={len(steps)}], got {ft_steps}")
+        if eta <= 0 or min(std_min_sample, std_min_logprob) < 0:
+            raise ValueError(f"the denoising MDP needs eta > 0 (a Gaussian per step) and std floors >= 0; got "
+                             f"eta={eta}, std_min_sample={std_min_sample}, std_min_logprob={std_min_logprob}")
+        if std_min_logprob == 0:
+            raise ValueError("std_min_logprob must be > 0: the last DDIM step has std 0 and no density without a floor")
+        return DenoisingMDP(steps, ft, float(eta), float(std_min_sample), float(std_min_logprob), noise_clip,
+                            bool(executed_only))
+
+    def _positions(self, mdp: DenoisingMDP) -> slice | None:
+        start = self.obs_horizon - 1
+        return slice(start, start + self.action_horizon) if mdp.executed_only else None
+
+    @torch.no_grad()
+    def sample_chain(self, nobs: Mapping[str, Tensor], mdp: DenoisingMDP, generator: torch.Generator | None = None,
+                     frozen: "DiffusionPolicy | None" = None) -> tuple[Tensor, Tensor]:
+        """Sample normalised chunks recording the trained part of the chain.
+
+        The first ``K - ft_steps`` steps run (DDIM ``eta``, unfloored) under ``frozen`` (the pre-RL network; this
+        policy if None), the last ``ft_steps`` under this policy with the floors. Returns ``chain (B, ft+1, Tp, Da)``
+        (``chain[:, -1]`` is the sampled chunk) and ``log_prob (B, ft)``.
+        """
+        cond = self.encode_obs(nobs)
+        b = cond.shape[0]
+        x = torch.randn((b, self.pred_horizon, self.action_dim), generator=generator, device=cond.device)
+        early = list(mdp.steps[:len(mdp.steps) - mdp.ft_steps])
+        if early:
+            net = self if frozen is None else frozen
+            c0 = cond if frozen is None else frozen.encode_obs(nobs)
+            x = self.schedule.run_chain(lambda xx, t: net.eps(xx, t, c0), x, early, False, mdp.eta, generator)
+        return self.schedule.sample_chain(lambda xx, t: self.eps(xx, t, cond), x, mdp.ft_grid, mdp.eta,
+                                          mdp.std_min_sample, generator, mdp.std_min_logprob, self._positions(mdp),
+                                          mdp.noise_clip)
+
+    def chain_log_prob(self, nobs: Mapping[str, Tensor], chain: Tensor, mdp: DenoisingMDP) -> Tensor:
+        """Log-probs ``(B, ft)`` of a recorded ``chain`` under the current weights (differentiable)."""
+        cond = self.encode_obs(nobs).repeat_interleave(mdp.ft_steps, 0)
+        return self.schedule.chain_log_prob(lambda xx, t: self.eps(xx, t, cond), chain, mdp.ft_grid, mdp.eta,
+                                            mdp.std_min_logprob, self._positions(mdp))
 
     def _sample_rti(self, cond: Tensor, shape: tuple[int, ...], spec: SamplerSpec,
                     generator: torch.Generator | None, noise: Tensor | None,

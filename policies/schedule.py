@@ -126,11 +126,14 @@ def parse_sampler(text: str, num_train_steps: int) -> SamplerSpec:
 
 
 # --------------------------------------------------------------------------------------------- schedule
-def _gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
-    """``log N(x; mean, diag(std^2))`` summed over all but the batch axis."""
+def _gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor, positions: slice | None = None) -> Tensor:
+    """``log N(x; mean, diag(std^2))`` of ``(B, Tp, Da)`` tensors summed over chunk positions ``positions`` (all if
+    None) and action dims -> ``(B,)``."""
     z = (x - mean) / std
-    return (-0.5 * z.pow(2) - std.log() - 0.5 * math.log(2 * math.pi)).flatten(1).sum(1)
-
+    per_dim = -0.5 * z.pow(2) - std.log() - 0.5 * math.log(2 * math.pi)
+    if positions is not None:
+        per_dim = per_dim[:, positions]
+    return per_dim.flatten(1).sum(1)
 
 
 class NoiseSchedule(nn.Module):
@@ -251,34 +254,43 @@ class NoiseSchedule(nn.Module):
         return self.run_chain(eps_fn, x, self.timesteps(spec), spec.kind == "ddpm", eta, generator)
 
     def sample_chain(self, eps_fn: DenoiseFn, x_T: Tensor, steps: list[tuple[int, int]], eta: float,
-                     std_min: float = 0.0, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+                     std_min: float = 0.0, generator: torch.Generator | None = None,
+                     logprob_std_min: float | None = None, positions: slice | None = None,
+                     noise_clip: float | None = None) -> tuple[Tensor, Tensor]:
         """DDIM(eta) sampling recorded as a chain of Gaussian policies (DPPO / RL-100's denoising MDP).
 
-        Each step draws ``x_prev ~ N(mean, max(std, std_min)^2 I)``. Returns ``(chain (B, K+1, Tp, Da), log_prob
-        (B, K))``: ``chain[:, 0] = x_T``, ``chain[:, -1]`` the sample, ``log_prob[:, k]`` the log-density of step
-        ``k`` summed over the chunk. ``std_min > 0`` keeps steps with ``std = 0`` (the last one) well defined.
+        Each step draws ``x_prev = mean + max(std, std_min) * z`` with ``z ~ N(0, I)`` (clipped to ``+-noise_clip``
+        if given, DPPO's ``randn_clip_value``). Returns ``(chain (B, K+1, Tp, Da), log_prob (B, K))``: ``chain[:, 0] =
+        x_T``, ``chain[:, -1]`` the sample, ``log_prob[:, k]`` the log-density of step ``k`` under std floor
+        ``logprob_std_min`` (default ``std_min``; DPPO floors sampling and likelihood separately), summed over the
+        chunk ``positions`` (all if None) and action dims. A floor > 0 keeps the last step (``std = 0``) defined.
         """
+        lp_min = std_min if logprob_std_min is None else logprob_std_min
         chain, log_probs, x = [x_T], [], x_T
         for t, t_prev in steps:
             _, mean, std = self.ddim_step(x, eps_fn(x, torch.full((x.shape[0],), t, device=x.device)), t, t_prev,
                                           eta)
-            std = std.clamp(min=std_min).expand_as(mean)
-            x = mean + std * torch.randn(mean.shape, generator=generator, device=x.device, dtype=x.dtype)
+            z = torch.randn(mean.shape, generator=generator, device=x.device, dtype=x.dtype)
+            if noise_clip is not None:
+                z = z.clamp(-noise_clip, noise_clip)
+            x = mean + std.clamp(min=std_min).expand_as(mean) * z
             chain.append(x)
-            log_probs.append(_gaussian_log_prob(x, mean, std))
+            log_probs.append(_gaussian_log_prob(x, mean, std.clamp(min=lp_min).expand_as(mean), positions))
         return torch.stack(chain, 1), torch.stack(log_probs, 1)
 
     def chain_log_prob(self, eps_fn: DenoiseFn, chain: Tensor, steps: list[tuple[int, int]], eta: float,
-                       std_min: float = 0.0) -> Tensor:
-        """Log-probabilities ``(B, K)`` of a recorded ``chain`` under the current ``eps_fn`` (the PPO ratio's
-        numerator); equals :meth:`sample_chain`'s ``log_prob`` for the network that sampled it."""
-        out = []
-        for k, (t, t_prev) in enumerate(steps):
-            x = chain[:, k]
-            _, mean, std = self.ddim_step(x, eps_fn(x, torch.full((x.shape[0],), t, device=x.device)), t, t_prev,
-                                          eta)
-            out.append(_gaussian_log_prob(chain[:, k + 1], mean, std.clamp(min=std_min).expand_as(mean)))
-        return torch.stack(out, 1)
+                       std_min: float = 0.0, positions: slice | None = None) -> Tensor:
+        """Log-probabilities ``(B, K)`` of a recorded ``chain (B, K+1, Tp, Da)`` under the current ``eps_fn`` (the
+        PPO ratio's numerator); equals :meth:`sample_chain`'s ``log_prob`` (same ``logprob_std_min`` and
+        ``positions``) for the network that sampled it. All K steps go through the network as one batch: ``eps_fn`` gets
+        ``B*K`` rows ordered ``(b, k)``, so per-row conditioning must be repeated with ``repeat_interleave(K, 0)``."""
+        b, k = chain.shape[0], len(steps)
+        x = chain[:, :k].flatten(0, 1)                                            # (B*K, Tp, Da), row = (b, k)
+        t = torch.tensor([s[0] for s in steps], device=chain.device).repeat(b)
+        t_prev = torch.tensor([s[1] for s in steps], device=chain.device).repeat(b)
+        _, mean, std = self.ddim_step(x, eps_fn(x, t), t, t_prev, eta)
+        lp = _gaussian_log_prob(chain[:, 1:].flatten(0, 1), mean, std.clamp(min=std_min).expand_as(mean), positions)
+        return lp.view(b, k)
 
     def run_chain(self, eps_fn: DenoiseFn, x: Tensor, steps: list[tuple[int, int]], ddpm: bool, eta: float,
                   generator: torch.Generator | None = None) -> Tensor:
