@@ -1,5 +1,5 @@
 """Policies behind one contract (:class:`Policy`): Diffusion Policy (CNN U-Net), its distilled one-step
-ConsistencyPolicy, the StreamingPolicy (SDP), and an MLP regression baseline.
+ConsistencyPolicy, the StreamingPolicy (SDP), an MLP regression baseline, and the Gaussian actor of PPO/SAC.
 
 ``make_policy(name, obs_spec, action_spec, cfg)`` builds one; ``policy_from_description(policy.describe())`` plus
 ``load_state_dict`` rebuilds it from checkpoint metadata. This package imports only torch, numpy and
@@ -14,6 +14,7 @@ from distillery.policies.base import Policy
 from distillery.policies.consistency import ConsistencyPolicy
 from distillery.policies.diffusion import DiffusionPolicy
 from distillery.policies.ema import EMA
+from distillery.policies.gaussian import GaussianPolicy
 from distillery.policies.mlp import MLPPolicy
 from distillery.policies.normalizer import Normalizer
 from distillery.policies.schedule import NoiseSchedule, SamplerSpec, parse_sampler
@@ -21,13 +22,13 @@ from distillery.policies.streaming import StreamingPolicy
 from distillery.specs import ObservationSpec, TensorSpec, obs_spec_from_json
 
 __all__ = [
-    "POLICIES", "ConsistencyPolicy", "DiffusionPolicy", "EMA", "MLPPolicy", "NoiseSchedule", "Normalizer", "Policy",
-    "SamplerSpec", "StreamingPolicy",
+    "POLICIES", "ConsistencyPolicy", "DiffusionPolicy", "EMA", "GaussianPolicy", "MLPPolicy", "NoiseSchedule",
+    "Normalizer", "Policy", "SamplerSpec", "StreamingPolicy",
     "make_policy", "parse_sampler", "policy_from_description", "register_policy",
 ]
 
 POLICIES: dict[str, type[Policy]] = {"diffusion": DiffusionPolicy, "mlp": MLPPolicy, "consistency": ConsistencyPolicy,
-                                     "streaming": StreamingPolicy}
+                                     "streaming": StreamingPolicy, "gaussian": GaussianPolicy}
 
 
 def register_policy(cls: type[Policy]) -> type[Policy]:
