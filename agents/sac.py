@@ -69,7 +69,7 @@ class ReplayBuffer:
 
     def add(self, obs: Mapping[str, Tensor], action: Tensor, reward: Tensor, next_obs: Mapping[str, Tensor],
             terminated: Tensor) -> None:
-        """Append ``N`` transitions: ``obs[k] (N, *shape)``, ``action (N, Da)``, ``reward (N,)``, ``terminated (N,)``."""
+        """Append ``N`` transitions: ``obs[k] (N, *shape)``, ``action (N, Da)``, ``reward``/``terminated (N,)``."""
         n = action.shape[0]
         rows = (self.ptr + torch.arange(n)) % self.capacity
         for k in self.obs:
@@ -272,7 +272,7 @@ class SACAgent:
         return self.log_alpha.exp()
 
     def features(self, obs: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
-        """Raw ``obs {k: (B, *shape)}`` -> (actor input ``{k: (B, 1, *shape)}``, critic input ``(B, D)``), normalised."""
+        """Raw ``obs {k: (B, *shape)}`` -> normalised (actor input ``{k: (B, 1, *shape)}``, critic input ``(B, D)``)."""
         n = self.policy.normalizer.normalize_dict({k: obs[k] for k in self.obs_keys})
         return {k: v.unsqueeze(1) for k, v in n.items()}, torch.cat([n[k].flatten(1) for k in self.obs_keys], 1)
 
