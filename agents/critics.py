@@ -278,8 +278,9 @@ class IQL(_ChunkCritic):
         with torch.no_grad():
             next_v = self.v(b["next_obs"])
         q_loss = self._q_step(b, next_v)
-        return {"v_loss": float(v_loss.detach()), "q_loss": q_loss, "v_mean": float(v.detach().mean()), "q_mean": float(q_t.mean()),
-                "adv_mean": float((q_t - v.detach()).mean())}
+        v = v.detach()
+        return {"v_loss": float(v_loss.detach()), "q_loss": q_loss, "v_mean": float(v.mean()),
+                "q_mean": float(q_t.mean()), "adv_mean": float((q_t - v).mean())}
 
     def fit(self, transitions: Mapping[str, Tensor], steps: int, batch_size: int = 256,
             generator: torch.Generator | None = None, sampler=None) -> dict[str, float]:
