@@ -219,6 +219,6 @@ def test_actor_plans_a_chunk_and_executes_it(tmp_path):
     assert torch.equal(out[[0, 2]], plan2[[0, 2], 1]) and torch.equal(out[1], plan3[0, 0])
     with pytest.raises(ValueError, match="chunk"):
         OFQLActor(agent, 2, da)
-    # closed loop in the batched env: every episode ends, actions are in bounds
+    # closed loop in the batched env through the rollout loop: every counted episode is played
     episodes = [e for wave in run_waves(env, OFQLActor(agent, chunk, da), 3, seed=0) for e in wave]
     assert len(episodes) == 3 and all(len(e) > 0 for e in episodes)
