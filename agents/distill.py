@@ -26,7 +26,7 @@ with ``d`` pseudo-Huber (``sqrt(|x - y|^2 + c^2) - c``, ``c = 0.00054 sqrt(D)``,
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -61,6 +61,29 @@ def check_distill_config(cfg: Mapping[str, Any]) -> None:
         raise ValueError(f"agent.ode_steps must be >= 2, got {cfg['ode_steps']}")
 
 
+def output_distill_loss(student: ConsistencyPolicy, teacher: DiffusionPolicy, nobs: Mapping[str, Tensor],
+                        teacher_sampler: SamplerSpec, multistep_prob: float,
+                        distance: Callable[[Tensor, Tensor], Tensor] = F.mse_loss, cond: Tensor | None = None,
+                        cond_teacher: Tensor | None = None) -> Tensor:
+    """RL-100's head objective on normalised observations ``nobs``: the student maps the teacher's noise ``z`` to
+    the teacher's deterministic ``teacher_sampler`` sample from ``z`` (see the module docstring). Used by
+    :class:`DistillAgent` and by the RL agents' interleaved consistency head (the teacher is then the live policy)."""
+    cond = student.encode_obs(nobs) if cond is None else cond
+    b = cond.shape[0]
+    shape = (b, teacher.pred_horizon, teacher.action_dim)
+    z = torch.randn(shape, device=cond.device)
+    with torch.no_grad():
+        cond_teacher = teacher.encode_obs(nobs) if cond_teacher is None else cond_teacher
+        target = teacher.schedule.sample(lambda x, t: teacher.eps(x, t, cond_teacher), shape, teacher_sampler, x_T=z)
+    # the one-step case maps the teacher's own z at the top level; a `multistep_prob` share of samples starts
+    # lower, from the teacher's sample re-noised with that z, so consistency:N chains work too
+    top = student.schedule.num_train_steps - 1
+    t = torch.where(torch.rand(b, device=cond.device) < multistep_prob,
+                    torch.randint(0, top, (b,), device=cond.device), torch.full((b,), top, device=cond.device))
+    x_t = torch.where((t == top).view(-1, 1, 1), z, student.schedule.q_sample(target, t, z))
+    return distance(student.consistency_fn(x_t, t, cond), target)
+
+
 class DistillAgent(BCAgent):
     """Trains ``policy`` (a ConsistencyPolicy) to reproduce ``teacher`` (a frozen DiffusionPolicy)."""
 
@@ -91,17 +114,8 @@ class DistillAgent(BCAgent):
         with torch.no_grad():
             cond_teacher = teacher.encode_obs(nobs)
         if self.objective == "output":
-            z = torch.randn_like(a0)
-            with torch.no_grad():
-                target = teacher.schedule.sample(lambda x, t: teacher.eps(x, t, cond_teacher), tuple(a0.shape),
-                                                 self.teacher_sampler, x_T=z)
-            # the one-step case maps the teacher's own z at the top level; a `multistep_prob` share of samples
-            # starts lower, from the teacher's sample re-noised with that z, so consistency:N chains work too
-            top = student.schedule.num_train_steps - 1
-            t = torch.where(torch.rand(b, device=a0.device) < float(self.cfg["multistep_prob"]),
-                            torch.randint(0, top, (b,), device=a0.device), torch.full((b,), top, device=a0.device))
-            x_t = torch.where((t == top).view(-1, 1, 1), z, student.schedule.q_sample(target, t, z))
-            loss = self._distance(student.consistency_fn(x_t, t, cond), target)
+            loss = output_distill_loss(student, teacher, nobs, self.teacher_sampler, float(self.cfg["multistep_prob"]),
+                                       self._distance, cond=cond, cond_teacher=cond_teacher)
             return loss, {"loss": float(loss.detach())}
         assert self.target is not None
         pair = self.grid[torch.randint(0, len(self.grid), (b,))].to(a0.device)  # adjacent (t, s) per sample
