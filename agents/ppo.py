@@ -207,7 +207,7 @@ class PPOAgent:
         self.value = make_mlp(value_in, [int(h) for h in c["value_hidden"]], 1, str(c["value_activation"]),
                               out_gain=1.0).to(self.device)
         self.optimizer = torch.optim.Adam(list(policy.parameters()) + list(self.value.parameters()),
-                                          lr=float(c["lr"]), eps=float(c["adam_eps"]))
+                                          lr=float(c["lr"]), eps=float(c["adam_eps"]), foreach=True)
         self.generator = torch.Generator(device=self.device).manual_seed(self.seed)
         self.env_steps = 0
         self.updates = 0

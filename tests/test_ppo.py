@@ -196,9 +196,9 @@ def test_checkpoint_loads_for_eval_and_resumes_the_learner_state(tmp_path):
     assert meta["step"] == 64 and meta["kind"] == "policy"
     obs = {"state": torch.randn(5, 1, 10)}
     torch.testing.assert_close(policy.predict_chunk(obs), agent.policy.predict_chunk(obs))
+    rms = agent.obs_rms["state"]
     torch.testing.assert_close(policy.normalizer.normalize("state", obs["state"][:, 0]),
-                               ((obs["state"][:, 0] - agent.obs_rms["state"].mean) / agent.obs_rms["state"].std).float(),
-                               atol=1e-4, rtol=1e-4)
+                               ((obs["state"][:, 0] - rms.mean) / rms.std).float(), atol=1e-4, rtol=1e-4)
     # a fresh agent restores critic, optimiser, running stats, RNG and counters
     fresh = _agent(tmp_path / "b", value_obs_keys=["privileged"])
     fresh.load(tmp_path / "run" / "checkpoints" / "last")
