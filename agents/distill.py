@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distillery.agents.bc import BCAgent
-from distillery.policies import ConsistencyPolicy, DiffusionPolicy
+from distillery.policies import ConsistencyPolicy, DiffusionPolicy, make_policy
+from distillery.policies.base import to_plain
 from distillery.policies.schedule import SamplerSpec
 
 OBJECTIVES = ("output", "consistency")
@@ -82,6 +83,56 @@ def output_distill_loss(student: ConsistencyPolicy, teacher: DiffusionPolicy, no
                     torch.randint(0, top, (b,), device=cond.device), torch.full((b,), top, device=cond.device))
     x_t = torch.where((t == top).view(-1, 1, 1), z, student.schedule.q_sample(target, t, z))
     return distance(student.consistency_fn(x_t, t, cond), target)
+
+
+def make_student(teacher: DiffusionPolicy, overrides: Mapping[str, Any] | None = None,
+                 init_from_teacher: bool = True, verbose: bool = False) -> ConsistencyPolicy:
+    """A ConsistencyPolicy with the teacher's config overlaid with ``overrides`` (e.g. ``{"down_dims": [32, 64]}``),
+    the teacher's normaliser and, if ``init_from_teacher``, every teacher tensor whose name and shape match."""
+    cfg = {**teacher.cfg, "sampler": "consistency:1", **(to_plain(overrides) or {})}
+    student = make_policy("consistency", teacher.obs_spec, teacher.action_spec, cfg).to(teacher.device)
+    student.normalizer.load_state_dict(teacher.normalizer.state_dict())
+    if init_from_teacher:
+        own = student.state_dict()
+        shared = {k: v for k, v in teacher.state_dict().items() if k in own and own[k].shape == v.shape}
+        student.load_state_dict(shared, strict=False)
+        if verbose:
+            print(f"student initialised from the teacher: {len(shared)}/{len(own)} tensors copied")
+    return student
+
+
+class ConsistencyHead:
+    """RL-100's one-step head trained alongside RL: a student distilled with :func:`output_distill_loss` from the
+    *live* policy being fine-tuned (one step per RL actor update), so every RL stage ends with a deployable
+    one-step policy. The student starts as a copy of the teacher's weights."""
+
+    def __init__(self, teacher: DiffusionPolicy, student: Mapping[str, Any] | None = None, lr: float = 1e-4,
+                 multistep_prob: float = 0.3, teacher_sampler: str = "ddim:10", seed: int = 0) -> None:
+        self.teacher = teacher
+        self.student = make_student(teacher, student)
+        self.sampler = teacher.parse_sampler(teacher_sampler)
+        self.multistep_prob = float(multistep_prob)
+        self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=float(lr), weight_decay=0.0)
+
+    def update(self, nobs: Mapping[str, Tensor]) -> float:
+        """One distillation step on normalised observations ``nobs`` (the RL batch); returns the loss."""
+        was_training = self.teacher.training
+        self.teacher.eval()
+        self.student.train()
+        loss = output_distill_loss(self.student, self.teacher, {k: v.detach() for k, v in nobs.items()},
+                                   self.sampler, self.multistep_prob)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.student.parameters(), 1.0)
+        self.optimizer.step()
+        self.teacher.train(was_training)
+        return float(loss.detach())
+
+    def train_state(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load_train_state(self, state: Mapping[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
 
 
 class DistillAgent(BCAgent):

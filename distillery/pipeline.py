@@ -178,9 +178,10 @@ def distill(cfg: DictConfig, resume: str | Path | None = None) -> Path:
     import torch
 
     from distillery.agents import DistillAgent
+    from distillery.agents.distill import make_student
     from distillery.data import EpisodeDataset, SequenceDataset
     from distillery.evaluate import load_policy
-    from distillery.policies import DiffusionPolicy, make_policy
+    from distillery.policies import DiffusionPolicy
 
     if resume is None and not cfg.teacher:
         raise ValueError("distill needs teacher=<diffusion checkpoint: run dir, checkpoints/last or a step dir>")
@@ -196,14 +197,7 @@ def distill(cfg: DictConfig, resume: str | Path | None = None) -> Path:
         raise ValueError(f"dataset {path} holds task {episodes.meta.get('task')!r} but the teacher was trained on "
                          f"{task_cfg['name']!r}; pass dataset=<a {task_cfg['name']} dataset>")
     agent_cfg = OmegaConf.to_container(cfg.agent)
-    student_cfg = {**teacher.cfg, "sampler": "consistency:1", **(agent_cfg["student"] or {})}
-    student = make_policy("consistency", teacher.obs_spec, teacher.action_spec, student_cfg)
-    student.normalizer.load_state_dict(teacher.normalizer.state_dict())
-    if agent_cfg["init_from_teacher"]:  # every tensor whose name and shape match (all of them by default)
-        own = student.state_dict()
-        shared = {k: v for k, v in teacher.state_dict().items() if k in own and own[k].shape == v.shape}
-        student.load_state_dict(shared, strict=False)
-        print(f"student initialised from the teacher: {len(shared)}/{len(own)} tensors copied")
+    student = make_student(teacher, agent_cfg["student"], bool(agent_cfg["init_from_teacher"]), verbose=True)
     torch.manual_seed(int(cfg.seed))
     data = SequenceDataset(episodes, student.obs_keys, student.obs_horizon, student.pred_horizon)
     logger = make_logger(cfg, run_dir, run_dir.name)

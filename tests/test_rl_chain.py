@@ -74,3 +74,26 @@ def test_bad_mdp_settings_are_refused():
         p.denoising_mdp(ddim_steps=5, ft_steps=6)
     with pytest.raises(ValueError, match="std_min_logprob"):
         p.denoising_mdp(std_min_logprob=0.0)
+
+
+def test_chain_ppo_loss_before_an_update_is_minus_the_mean_advantage_with_ratio_one():
+    from distillery.agents.offline import chain_ppo_loss
+    p = build("diffusion")
+    nobs = p.normalizer.normalize_dict(history(4))
+    mdp = p.denoising_mdp(ddim_steps=4)
+    chain, old = p.sample_chain(nobs, mdp, torch.Generator().manual_seed(0))
+    adv = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    loss, m = chain_ppo_loss(p, nobs, chain, old, adv, mdp, clip=0.2)
+    torch.testing.assert_close(loss, -adv.mean())
+    assert m["clipfrac"] == 0.0 and abs(m["approx_kl"]) < 1e-6
+
+
+def test_consistency_head_learns_the_live_policy_output():
+    from distillery.agents import ConsistencyHead
+    p = build("diffusion")
+    head = ConsistencyHead(p, lr=1e-3, multistep_prob=0.0, teacher_sampler="ddim:4")
+    nobs = p.normalizer.normalize_dict(history(32))
+    first = head.update(nobs)
+    losses = [head.update(nobs) for _ in range(80)]
+    assert sum(losses[-10:]) / 10 < 0.5 * first
+    assert all(w.grad is None for w in p.parameters())  # the teacher is not trained by the head
