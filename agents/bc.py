@@ -20,8 +20,7 @@ import torch
 
 from distillery.data import SequenceDataset
 from distillery.policies import EMA, Policy
-from distillery.runtime import flatten_state, load_checkpoint, save_checkpoint, step_dir_name, unflatten_state
-from distillery.runtime import update_link
+from distillery.runtime import flatten_state, load_checkpoint, save_run_checkpoint, unflatten_state
 
 CHECKPOINT_KIND = "policy"
 
@@ -159,10 +158,7 @@ class BCAgent:
         tensors.update(flat)
         meta = {**self.meta, "kind": CHECKPOINT_KIND, "step": self.step, "policy": self.policy.describe(),
                 "train_state": skeleton}
-        ckpt_dir = self.run_dir / "checkpoints"
-        path = save_checkpoint(ckpt_dir / step_dir_name(self.step), tensors, meta)
-        update_link(ckpt_dir / "last", path)
-        return path
+        return save_run_checkpoint(self.run_dir, self.step, tensors, meta)
 
     def load(self, path: str | Path) -> None:
         """Restore everything :meth:`save` wrote, to continue training exactly."""

@@ -38,8 +38,7 @@ from distillery.data.transitions import chunk_transitions, episode_returns
 from distillery.data.weighting import WeightedSampler, linear_advantages, transition_sampling_probs
 from distillery.policies import DiffusionPolicy
 from distillery.policies.base import to_plain
-from distillery.runtime.checkpoint import flatten_state, load_checkpoint, save_checkpoint, step_dir_name, \
-    unflatten_state, update_link
+from distillery.runtime import flatten_state, load_checkpoint, save_run_checkpoint, unflatten_state
 
 CHECKPOINT_KIND = "distillery.train"
 SAMPLERS = ("uniform", "return", "advantage")
@@ -314,9 +313,7 @@ class OfflineRLAgent:
         meta = {**self.meta, "kind": CHECKPOINT_KIND, "step": self.round, "policy": self.accepted.describe(),
                 "train_state": skeleton, "offline_history": self.history,
                 "head_policy": self.head.student.describe() if self.head is not None else None}
-        path = save_checkpoint(self.run_dir / "checkpoints" / step_dir_name(self.round), tensors, meta)
-        update_link(self.run_dir / "checkpoints" / "last", path)
-        return path
+        return save_run_checkpoint(self.run_dir, self.round, tensors, meta)
 
     def load(self, path: str | Path) -> None:
         tensors, meta = load_checkpoint(path)

@@ -37,8 +37,7 @@ from distillery.agents.critics import TwinQ, polyak_update
 from distillery.policies.base import resolve_config
 from distillery.policies.networks.encoders import mlp
 from distillery.policies.networks.unet1d import SinusoidalPosEmb
-from distillery.runtime import flatten_state, load_checkpoint, save_checkpoint, step_dir_name, unflatten_state
-from distillery.runtime import update_link
+from distillery.runtime import flatten_state, load_checkpoint, save_checkpoint, save_run_checkpoint, unflatten_state
 from distillery.runtime.checkpoint import resolve_checkpoint
 
 __all__ = ["FlowActor", "OFQLAgent", "OFQLActor", "meanflow_loss", "sample_flow_times", "CHECKPOINT_KIND"]
@@ -318,10 +317,7 @@ class OFQLAgent:
             return save_checkpoint(path, tensors, meta)
         if self.run_dir is None:
             raise ValueError("OFQLAgent.save: no path given and the agent has no run_dir")
-        ckpt_dir = self.run_dir / "checkpoints"
-        out = save_checkpoint(ckpt_dir / step_dir_name(self.step), tensors, meta)
-        update_link(ckpt_dir / "last", out)
-        return out
+        return save_run_checkpoint(self.run_dir, self.step, tensors, meta)
 
     def load(self, path: str | Path) -> None:
         """Restore what :meth:`save` wrote (a step dir, ``checkpoints/last``, or a run dir)."""

@@ -29,8 +29,7 @@ from distillery.envs import BatchedEnv
 from distillery.policies import GaussianPolicy
 from distillery.policies.base import to_plain
 from distillery.policies.gaussian import make_mlp
-from distillery.runtime import flatten_state, load_checkpoint, save_checkpoint, step_dir_name, unflatten_state
-from distillery.runtime import update_link
+from distillery.runtime import flatten_state, load_checkpoint, save_run_checkpoint, unflatten_state
 
 __all__ = ["PPOAgent", "RunningMeanStd", "compute_gae", "ppo_clip_loss"]
 
@@ -406,10 +405,7 @@ class PPOAgent:
         meta = {**self.meta, "kind": CHECKPOINT_KIND, "agent": "ppo", "step": self.env_steps,
                 "updates": self.updates, "agent_cfg": self.cfg, "policy": self.policy.describe(),
                 "train_state": skeleton}
-        ckpt_dir = self.run_dir / "checkpoints"
-        path = save_checkpoint(ckpt_dir / step_dir_name(self.env_steps), tensors, meta)
-        update_link(ckpt_dir / "last", path)
-        return path
+        return save_run_checkpoint(self.run_dir, self.env_steps, tensors, meta)
 
     def load(self, path: str | Path) -> None:
         """Restore what :meth:`save` wrote. The learner state resumes exactly; the envs cannot be snapshotted, so

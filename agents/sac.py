@@ -42,8 +42,7 @@ from torch import Tensor
 from distillery.agents.critics import TwinQ, polyak_update
 from distillery.envs import BatchedEnv
 from distillery.policies import GaussianPolicy, Policy
-from distillery.runtime import (flatten_state, load_checkpoint, resolve_checkpoint, save_checkpoint, step_dir_name,
-                                unflatten_state, update_link)
+from distillery.runtime import flatten_state, load_checkpoint, resolve_checkpoint, save_run_checkpoint, unflatten_state
 
 __all__ = ["ReplayBuffer", "SACAgent"]
 
@@ -434,10 +433,7 @@ class SACAgent:
         tensors.update(flat)
         meta = {**self.meta, "kind": CHECKPOINT_KIND, "agent": "sac", "step": self.env_step, "updates": self.updates,
                 "policy": self.policy.describe(), "sac_cfg": self.cfg, "train_state": skeleton}
-        ckpt_dir = self.run_dir / "checkpoints"
-        path = save_checkpoint(ckpt_dir / step_dir_name(self.env_step), tensors, meta)
-        update_link(ckpt_dir / "last", path)
-        return path
+        return save_run_checkpoint(self.run_dir, self.env_step, tensors, meta)
 
     def load(self, path: str | Path) -> None:
         """Restore what :meth:`save` wrote; the next updates match an uninterrupted run bit for bit. The envs'

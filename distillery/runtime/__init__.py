@@ -6,13 +6,14 @@ from distillery.runtime.checkpoint import (
     load_checkpoint,
     resolve_checkpoint,
     save_checkpoint,
+    save_run_checkpoint,
     sha256_file,
     step_dir_name,
     unflatten_state,
     update_link,
 )
 
-__all__ = ["save_checkpoint", "load_checkpoint", "flatten_state", "unflatten_state", "update_link",
+__all__ = ["save_checkpoint", "save_run_checkpoint", "load_checkpoint", "flatten_state", "unflatten_state", "update_link",
            "resolve_checkpoint", "step_dir_name", "atomic_write_text", "checkpoint_sha256", "sha256_file", "Logger"]
 
 

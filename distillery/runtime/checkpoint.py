@@ -319,3 +319,13 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 __all__ = ["save_checkpoint", "load_checkpoint", "flatten_state", "unflatten_state", "update_link",
            "resolve_checkpoint", "step_dir_name", "atomic_write_text", "MODEL_FILE", "META_FILE"]
+
+
+def save_run_checkpoint(run_dir: str | os.PathLike, step: int, tensors: Mapping[str, torch.Tensor],
+                        meta: Mapping[str, Any]) -> Path:
+    """Every agent's checkpoint layout: write ``run_dir/checkpoints/step_<step>/`` atomically, then point
+    ``checkpoints/last`` at it (what ``--resume`` and ``checkpoint=<run dir>`` read)."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    path = save_checkpoint(ckpt_dir / step_dir_name(int(step)), tensors, meta)
+    update_link(ckpt_dir / "last", path)
+    return path
