@@ -1,4 +1,5 @@
-"""Online PPO with a Gaussian MLP actor in batched envs, and the generic pieces PPO variants reuse.
+"""Online PPO in batched envs for a Gaussian MLP actor or a diffusion policy (PPO over the denoising chain, DPPO),
+and the generic pieces PPO variants reuse.
 
 Reusable, tensor-in/tensor-out (PPO over a denoising chain uses them too):
   * :func:`compute_gae`: generalised advantage estimation with separate termination (no bootstrap) and
@@ -12,6 +13,14 @@ minibatches, per-minibatch advantage normalisation, one Adam (eps 1e-5) over act
 early stop of the epoch loop when the approximate KL exceeds 1.5 ``target_kl``, running observation normalisation
 (written into the policy normaliser, so an evaluated or exported policy sees the same inputs) and reward scaling
 by the std of the running discounted return.
+
+A diffusion policy is trained over DPPO's two-level MDP (Ren et al. 2025; RL-100's online stage, algorithms.md
+sections 2-3): an env-level decision samples a ``ddim:K`` chain with ``eta > 0`` (each denoising step a Gaussian
+policy, floored std), executes the chunk's ``Ta`` actions, and earns their summed reward; GAE runs over decisions
+with the value on the current env state; the clipped surrogate is applied to every denoising step with the
+decision's advantage. The policy keeps its imitation normaliser (observation normalisation only feeds the critic),
+``critic_warmup`` rollouts fit the value before the actor moves (RL-100), and the actor has its own learning rate.
+The two actors differ only in :class:`GaussianActor` / :class:`ChainActor`; the rollout, GAE and update are one code.
 """
 from __future__ import annotations
 
@@ -26,12 +35,12 @@ import torch
 from torch import Tensor, nn
 
 from distillery.envs import BatchedEnv
-from distillery.policies import GaussianPolicy
+from distillery.policies import DiffusionPolicy, GaussianPolicy
 from distillery.policies.base import to_plain
 from distillery.policies.gaussian import make_mlp
 from distillery.runtime import flatten_state, load_checkpoint, save_run_checkpoint, unflatten_state
 
-__all__ = ["PPOAgent", "RunningMeanStd", "compute_gae", "ppo_clip_loss"]
+__all__ = ["ChainActor", "GaussianActor", "PPOAgent", "RunningMeanStd", "compute_gae", "ppo_clip_loss"]
 
 CHECKPOINT_KIND = "policy"  # same kind as agents/bc.py: `model.*` is a policy that eval/export load
 
@@ -129,12 +138,70 @@ class RunningMeanStd:
         self.mean, self.var, self.count = (state[k].to(torch.float64).clone() for k in ("mean", "var", "count"))
 
 
+class GaussianActor:
+    """PPO's view of a :class:`GaussianPolicy`: one action per decision from the current observation."""
+
+    live_obs_stats = True  # PPO's running observation stats are the policy's normaliser
+
+    def __init__(self, policy: GaussianPolicy) -> None:
+        if policy.squash:
+            raise ValueError("PPO needs an unsquashed Gaussian (its log-probs are of the raw sample the env clips); "
+                             "build the policy with squash=False")
+        self.policy = policy
+        self.obs_horizon, self.action_horizon = 1, 1
+
+    def act(self, nobs: Mapping[str, Tensor], generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        """-> (what the update re-scores (N, Da), log-prob (N,), env actions (N, 1, Da))."""
+        action, log_prob = self.policy.sample_and_log_prob(nobs, generator)
+        return action, log_prob, self.policy.normalizer.unnormalize("action", action)[:, None]
+
+    def log_prob(self, nobs: Mapping[str, Tensor], action: Tensor) -> Tensor:
+        return self.policy.log_prob(nobs, action)
+
+    def entropy(self, nobs: Mapping[str, Tensor]) -> Tensor | None:
+        return self.policy.entropy(nobs)
+
+    def metrics(self, nobs: Mapping[str, Tensor]) -> dict[str, float]:
+        return {"train/std": float(self.policy.dist_params(nobs)[1].detach().exp().mean())}
+
+
+class ChainActor:
+    """PPO's view of a :class:`DiffusionPolicy` (DPPO): a decision is a recorded ``ddim:K`` chain with ``eta > 0``
+    whose chunk executes ``Ta`` actions; its log-prob is per denoising step, ``(N, K)``."""
+
+    live_obs_stats = False  # the imitation normaliser stays: the network was trained on it
+
+    def __init__(self, policy: DiffusionPolicy, mdp: Any) -> None:
+        self.policy, self.mdp = policy, mdp
+        self.obs_horizon, self.action_horizon = policy.obs_horizon, policy.action_horizon
+
+    def act(self, nobs: Mapping[str, Tensor], generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        """-> (chain (N, K+1, Tp, Da), log-probs (N, K), env actions (N, Ta, Da) clipped to the action bounds)."""
+        chain, log_prob = self.policy.sample_chain(nobs, self.mdp, generator)
+        start = self.obs_horizon - 1
+        executed = self.policy.normalizer.unnormalize("action", chain[:, -1, start:start + self.action_horizon])
+        spec = self.policy.action_spec
+        if spec.low is not None or spec.high is not None:
+            executed = executed.clamp(min=spec.low, max=spec.high)
+        return chain, log_prob, executed
+
+    def log_prob(self, nobs: Mapping[str, Tensor], chain: Tensor) -> Tensor:
+        return self.policy.chain_log_prob(nobs, chain, self.mdp)
+
+    def entropy(self, nobs: Mapping[str, Tensor]) -> Tensor | None:
+        return None  # the chain's noise is fixed by the schedule and the floors; nothing to regularise
+
+    def metrics(self, nobs: Mapping[str, Tensor]) -> dict[str, float]:
+        return {}
+
+
 class PPOAgent:
-    """PPO for a :class:`GaussianPolicy` in a :class:`BatchedEnv` (see the module docstring for the recipe).
+    """PPO for a :class:`GaussianPolicy` or a :class:`DiffusionPolicy` in a :class:`BatchedEnv` (module docstring).
 
     Args:
         cfg: the agent config; keys and defaults in :attr:`DEFAULTS` (unknown keys are an error).
-        policy: the actor (``squash`` must be False: actions are raw Gaussian samples that the env clips).
+        policy: the actor. A Gaussian must have ``squash=False`` (actions are raw samples that the env clips); a
+            diffusion policy is fine-tuned over all ``ddim_steps`` denoising steps of its chain.
         env: N envs stepped together; episodes auto-reset.
         run_dir: checkpoints go to ``run_dir/checkpoints/step_<env_steps>/``, ``last`` points at the newest.
         logger: anything with ``log(metrics, step)`` (the step logged is the env-step count).
@@ -143,42 +210,56 @@ class PPOAgent:
     """
 
     DEFAULTS: dict[str, Any] = {
-        "env_steps": 1_000_000,    # total env transitions (all envs) to train for
-        "num_steps": 64,           # control steps per env per rollout; batch = num_envs * num_steps
-        "gamma": 0.99,
+        "env_steps": 1_000_000,    # total env transitions (all envs, every executed action) to train for
+        "num_steps": 64,           # decisions per env per rollout; batch = num_envs * num_steps
+        "gamma": 0.99,             # per decision (a diffusion decision executes Ta actions)
         "gae_lambda": 0.95,
         "clip": 0.2,
         "epochs": 10,
         "minibatch_size": 256,
-        "lr": 3e-4,
+        "lr": 3e-4,                # critic, and the actor unless actor_lr is set
+        "actor_lr": None,
         "adam_eps": 1e-5,
         "vf_coef": 0.5,
-        "ent_coef": 0.0,
+        "ent_coef": 0.0,           # Gaussian only: a chain has no free entropy
         "max_grad_norm": 0.5,
         "target_kl": None,         # None: no early stop; else stop the epochs once approx KL > 1.5 target_kl
         "norm_adv": True,
-        "norm_obs": True,          # running mean/std of the observation groups (into the policy normaliser)
+        "norm_obs": True,          # running mean/std of the observation groups (critic; and a Gaussian's normaliser)
         "norm_reward": True,       # divide rewards by the std of the running discounted return
         "clip_reward": 10.0,       # after reward scaling
         "value_obs_keys": None,    # None: the actor's obs_keys; e.g. ["privileged"] for an asymmetric critic
         "value_hidden": [256, 256],
         "value_activation": "tanh",
+        "critic_warmup": 0,        # first rollouts that train only the value (RL-100: a fine-tuned actor must not
+                                   # follow the advantages of an untrained critic)
+        # diffusion policy only: the denoising MDP (policies/diffusion.py DenoisingMDP)
+        "ddim_steps": 10,
+        "eta": 1.0,
+        "std_min_sample": 0.1,     # DPPO's exploration floor; evaluation samples with the policy's own sampler
+        "std_min_logprob": 0.1,
+        "noise_clip": 3.0,
         "log_every": 1,            # rollouts between log lines
         "checkpoint_every": 0,     # env steps between checkpoints (0: only at the end)
     }
 
-    def __init__(self, cfg: Mapping[str, Any] | None, policy: GaussianPolicy, env: BatchedEnv, run_dir: str | Path,
-                 logger: Any, seed: int = 0, meta: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, cfg: Mapping[str, Any] | None, policy: GaussianPolicy | DiffusionPolicy, env: BatchedEnv,
+                 run_dir: str | Path, logger: Any, seed: int = 0, meta: Mapping[str, Any] | None = None) -> None:
         user = {k: v for k, v in to_plain(cfg or {}).items() if k != "name"}
         unknown = set(user) - set(self.DEFAULTS)
         if unknown:
             raise ValueError(f"ppo agent: unknown config keys {sorted(unknown)}; valid keys: {sorted(self.DEFAULTS)}")
         self.cfg = c = {**copy.deepcopy(self.DEFAULTS), **user}
-        if not isinstance(policy, GaussianPolicy):
-            raise TypeError(f"PPOAgent trains a GaussianPolicy (policy=gaussian), got {type(policy).__name__}")
-        if policy.squash:
-            raise ValueError("PPO needs an unsquashed Gaussian (its log-probs are of the raw sample the env clips); "
-                             "build the policy with squash=False")
+        if isinstance(policy, GaussianPolicy):
+            self.actor: GaussianActor | ChainActor = GaussianActor(policy)
+        elif isinstance(policy, DiffusionPolicy) and policy.name == "diffusion":
+            # all steps are trained: the checkpoint is one network that eval and export sample end to end
+            self.actor = ChainActor(policy, policy.denoising_mdp(
+                int(c["ddim_steps"]), None, float(c["eta"]), float(c["std_min_sample"]), float(c["std_min_logprob"]),
+                None if c["noise_clip"] is None else float(c["noise_clip"])))
+        else:
+            raise TypeError(f"PPOAgent trains a GaussianPolicy (policy=gaussian) or a diffusion policy "
+                            f"(policy=diffusion), got {type(policy).__name__}")
         for key in ("num_steps", "epochs", "minibatch_size"):
             if int(c[key]) < 1:
                 raise ValueError(f"ppo.{key} must be >= 1, got {c[key]}")
@@ -199,25 +280,30 @@ class PPOAgent:
             if k not in env.observation_spec or env.observation_spec[k].shape != policy.obs_spec[k].shape:
                 raise ValueError(f"the policy's obs group {k!r} {policy.obs_spec.get(k)} does not match the env's "
                                  f"{env.observation_spec.get(k)}; build the policy from env.observation_spec")
-        self.obs_rms = {k: RunningMeanStd(env.observation_spec[k].shape)
-                        for k in dict.fromkeys(policy.obs_keys + self.value_keys)}
+        stat_keys = (policy.obs_keys if self.actor.live_obs_stats else []) + self.value_keys
+        self.obs_rms = {k: RunningMeanStd(env.observation_spec[k].shape) for k in dict.fromkeys(stat_keys)}
         self.ret_rms = RunningMeanStd(())
         value_in = sum(env.observation_spec[k].numel for k in self.value_keys)
         self.value = make_mlp(value_in, [int(h) for h in c["value_hidden"]], 1, str(c["value_activation"]),
                               out_gain=1.0).to(self.device)
-        self.optimizer = torch.optim.Adam(list(policy.parameters()) + list(self.value.parameters()),
-                                          lr=float(c["lr"]), eps=float(c["adam_eps"]), foreach=True)
+        actor_lr = float(c["lr"] if c["actor_lr"] is None else c["actor_lr"])
+        self.optimizer = torch.optim.Adam([{"params": list(policy.parameters()), "lr": actor_lr},
+                                           {"params": list(self.value.parameters()), "lr": float(c["lr"])}],
+                                          eps=float(c["adam_eps"]), foreach=True)
         self.generator = torch.Generator(device=self.device).manual_seed(self.seed)
         self.env_steps = 0
         self.updates = 0
         self._obs: dict[str, Tensor] | None = None  # current env observation (raw); None: reset before the rollout
+        self._hist: dict[str, Tensor] | None = None  # the actor's raw observation history {k: (N, To, ...)}
         self._disc_ret = torch.zeros(self.num_envs, dtype=torch.float64)  # running discounted return (reward norm)
         self._ep_ret = torch.zeros(self.num_envs)
         self._sync_policy_normalizer()
 
     # ------------------------------------------------------------------------------------------ normalisation
     def _sync_policy_normalizer(self) -> None:
-        """Write the running observation stats into the policy normaliser (identity stats if norm_obs is off)."""
+        """Write the running observation stats into a Gaussian's normaliser (identity stats if norm_obs is off)."""
+        if not self.actor.live_obs_stats:
+            return
         keys = self.policy.obs_keys
         if self.cfg["norm_obs"]:
             self.policy.set_obs_stats({k: self.obs_rms[k].mean for k in keys}, {k: self.obs_rms[k].std for k in keys})
@@ -225,13 +311,12 @@ class PPOAgent:
             self.policy.set_obs_stats({k: torch.zeros(self.obs_rms[k].shape) for k in keys},
                                       {k: torch.ones(self.obs_rms[k].shape) for k in keys})
 
-    def _observe(self, obs: Mapping[str, Tensor], update: bool) -> tuple[dict[str, Tensor], Tensor]:
-        """Raw env obs ``{k: (N, ...)}`` -> (actor input ``{k: (N, 1, ...)}`` normalised, critic input (N, Dv))."""
+    def _observe(self, obs: Mapping[str, Tensor], update: bool) -> Tensor:
+        """Raw env obs ``{k: (N, ...)}`` -> critic input (N, Dv); ``update`` folds them into the running stats."""
         if update and self.cfg["norm_obs"]:
             for k, rms in self.obs_rms.items():
                 rms.update(obs[k])
             self._sync_policy_normalizer()
-        nobs = self.policy.normalizer.normalize_dict({k: obs[k].to(self.device)[:, None] for k in self.policy.obs_keys})
         parts = []
         for k in self.value_keys:
             x = obs[k].to(self.device).flatten(1)
@@ -239,7 +324,25 @@ class PPOAgent:
                 rms = self.obs_rms[k]
                 x = ((x - rms.mean.to(x)) / (rms.var.to(x) + 1e-8).sqrt()).clamp(-10.0, 10.0)
             parts.append(x)
-        return nobs, torch.cat(parts, dim=1)
+        return torch.cat(parts, dim=1)
+
+    def _push_history(self, obs: Mapping[str, Tensor], restart: Tensor | None) -> None:
+        """Append ``obs`` to the actor's history; envs in ``restart`` (N,) (all when there is no history yet) just
+        reset, so their history is ``obs`` repeated, as ``Policy.act`` does after a reset."""
+        to = self.actor.obs_horizon
+        if self._hist is None:
+            self._hist = {k: obs[k].cpu().unsqueeze(1).repeat_interleave(to, 1) for k in self.policy.obs_keys}
+            return
+        for k, h in self._hist.items():
+            x = obs[k].cpu()
+            new = torch.cat([h[:, 1:], x[:, None]], 1)
+            if restart is not None and bool(restart.any()):
+                new[restart] = x[restart].unsqueeze(1).expand(-1, to, *x.shape[1:])
+            self._hist[k] = new
+
+    def _actor_obs(self) -> dict[str, Tensor]:
+        assert self._hist is not None
+        return self.policy.normalizer.normalize_dict({k: h.to(self.device) for k, h in self._hist.items()})
 
     def _scale_reward(self, reward: Tensor, done: Tensor) -> Tensor:
         """Divide by the std of the running discounted return (SB3 VecNormalize's scheme), then clip."""
@@ -254,46 +357,69 @@ class PPOAgent:
     # ------------------------------------------------------------------------------------------ rollout
     @torch.no_grad()
     def collect(self) -> dict[str, Any]:
-        """One rollout of ``num_steps`` x N transitions; returns the buffer (time axis first) and episode stats."""
-        T, N, env = int(self.cfg["num_steps"]), self.num_envs, self.env
+        """One rollout of ``num_steps`` x N decisions; returns the buffer (time axis first) and episode stats.
+
+        A decision executes ``Ta`` actions (1 for a Gaussian) and earns their summed reward. If the episode ends
+        inside the chunk, the decision ends there (terminated / truncated, bootstrapping from V(final obs)); the
+        env has auto-reset and plays out the chunk's remaining actions in its new episode, whose history restarts.
+        """
+        T, N, Ta, env = int(self.cfg["num_steps"]), self.num_envs, self.actor.action_horizon, self.env
         fresh = self._obs is None
         if fresh:
             self._obs = env.reset(seed=self.seed + 7919 * self.updates)
+            self._hist = None
+            self._push_history(self._obs, None)
             self._disc_ret.zero_()
             self._ep_ret.zero_()
-        nobs, vobs = self._observe(self._obs, update=fresh)  # a carried-over obs was counted when it arrived
+        vobs = self._observe(self._obs, update=fresh)  # a carried-over obs was counted when it arrived
+        nobs = self._actor_obs()
         buf: dict[str, Any] = {"nobs": {k: torch.zeros((T,) + tuple(v.shape)) for k, v in nobs.items()},
-                               "vobs": torch.zeros(T, *vobs.shape), "action": torch.zeros(T, N, self.policy.action_dim),
-                               "log_prob": torch.zeros(T, N), "value": torch.zeros(T, N),
+                               "vobs": torch.zeros(T, *vobs.shape), "value": torch.zeros(T, N),
                                "next_value": torch.zeros(T, N), "reward": torch.zeros(T, N),
                                "terminated": torch.zeros(T, N, dtype=torch.bool),
                                "truncated": torch.zeros(T, N, dtype=torch.bool)}
         returns, successes = [], []
         value = self.value(vobs).squeeze(-1)
+        obs = self._obs
         for t in range(T):
-            action, log_prob = self.policy.sample_and_log_prob(nobs, self.generator)
-            env_action = self.policy.normalizer.unnormalize("action", action).to(env.device)
-            obs, reward, terminated, truncated, info = env.step(env_action)
-            done = terminated | truncated
+            stored, log_prob, env_actions = self.actor.act(nobs, self.generator)
+            if t == 0:
+                buf["action"] = torch.zeros((T,) + tuple(stored.shape))
+                buf["log_prob"] = torch.zeros((T,) + tuple(log_prob.shape))
+            reward = torch.zeros(N)
+            terminated = torch.zeros(N, dtype=torch.bool)
+            truncated = torch.zeros(N, dtype=torch.bool)
+            final_value = torch.zeros(N)
+            alive = torch.ones(N, dtype=torch.bool)  # still in the episode this decision was taken in
+            for j in range(Ta):
+                obs, r, term, trunc, info = env.step(env_actions[:, j].to(env.device))
+                r, term, trunc = r.cpu().float(), term.cpu(), trunc.cpu()
+                reward += torch.where(alive, r, torch.zeros_like(r))
+                self._ep_ret += r
+                ended = term | trunc
+                if bool(ended.any()):
+                    ids = ended.nonzero().squeeze(1)
+                    first = (ended & alive).nonzero().squeeze(1)
+                    terminated[first], truncated[first] = term[first], trunc[first]
+                    final_vobs = self._observe({k: v[first] for k, v in info["final_obs"].items()}, update=False)
+                    final_value[first] = self.value(final_vobs).squeeze(-1).cpu()
+                    returns += self._ep_ret[ids].tolist()
+                    successes += term[ids].tolist()
+                    self._ep_ret[ids] = 0.0
+                    alive &= ~ended
+                self._push_history(obs, ended)
             for k, v in nobs.items():
                 buf["nobs"][k][t] = v
-            buf["vobs"][t], buf["action"][t], buf["log_prob"][t], buf["value"][t] = vobs, action, log_prob, value
+            buf["vobs"][t], buf["action"][t], buf["log_prob"][t], buf["value"][t] = vobs, stored, log_prob, value
             buf["terminated"][t], buf["truncated"][t] = terminated, truncated
+            done = terminated | truncated
             buf["reward"][t] = self._scale_reward(reward, done)
-            self._ep_ret += reward.cpu()
-            nobs, vobs = self._observe(obs, update=True)
+            vobs = self._observe(obs, update=True)
+            nobs = self._actor_obs()
             value = self.value(vobs).squeeze(-1)
-            next_value = value.clone()
-            if bool(done.any()):
-                ids = done.nonzero().squeeze(1)
-                _, final_vobs = self._observe({k: v[ids] for k, v in info["final_obs"].items()}, update=False)
-                next_value[ids] = self.value(final_vobs).squeeze(-1)
-                returns += self._ep_ret[ids.cpu()].tolist()
-                successes += terminated[ids].cpu().tolist()
-                self._ep_ret[ids.cpu()] = 0.0
-            buf["next_value"][t] = next_value
+            buf["next_value"][t] = torch.where(done, final_value, value.cpu())
         self._obs = obs
-        self.env_steps += T * N
+        self.env_steps += T * N * Ta
         adv, ret = compute_gae(buf["reward"], buf["value"], buf["terminated"], buf["truncated"], buf["next_value"],
                                float(self.cfg["gamma"]), float(self.cfg["gae_lambda"]))
         buf["advantage"], buf["return"] = adv, ret
@@ -302,7 +428,10 @@ class PPOAgent:
 
     # ------------------------------------------------------------------------------------------ update
     def update(self, buf: Mapping[str, Any]) -> dict[str, float]:
-        """``epochs`` passes of shuffled minibatches over the flattened rollout; returns mean losses/diagnostics."""
+        """``epochs`` passes of shuffled minibatches over the flattened rollout; returns mean losses/diagnostics.
+
+        The first ``critic_warmup`` updates train only the value. A diffusion decision's advantage is applied to
+        each of its denoising steps, each clipped on its own ratio (RL-100 Eq. 7 / DPPO)."""
         c = self.cfg
         flat = {"vobs": buf["vobs"].flatten(0, 1), "action": buf["action"].flatten(0, 1),
                 "log_prob": buf["log_prob"].flatten(0, 1), "advantage": buf["advantage"].flatten(0, 1),
@@ -310,6 +439,7 @@ class PPOAgent:
         nobs = {k: v.flatten(0, 1) for k, v in buf["nobs"].items()}
         n, mb = self.batch_size, min(int(c["minibatch_size"]), self.batch_size)
         target_kl = c["target_kl"]
+        actor_frozen = self.updates < int(c["critic_warmup"])
         sums: dict[str, float] = {}
         count = 0
         stopped = False
@@ -319,25 +449,30 @@ class PPOAgent:
             perm = torch.randperm(n, generator=self.generator, device=self.device)
             for start in range(0, n - mb + 1, mb):  # drop a ragged tail: every minibatch has mb samples
                 idx = perm[start:start + mb]
-                mnobs = {k: v[idx] for k, v in nobs.items()}
-                adv = flat["advantage"][idx]
-                if c["norm_adv"]:
-                    adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-                log_prob = self.policy.log_prob(mnobs, flat["action"][idx])
-                pg_loss, m = ppo_clip_loss(log_prob, flat["log_prob"][idx], adv, float(c["clip"]))
-                if target_kl is not None and m["approx_kl"] > 1.5 * float(target_kl):
-                    stopped = True
-                    break
                 value_loss = (self.value(flat["vobs"][idx]).squeeze(-1) - flat["return"][idx]).pow(2).mean()
-                entropy = self.policy.entropy(mnobs).mean()
-                loss = pg_loss + float(c["vf_coef"]) * value_loss - float(c["ent_coef"]) * entropy
+                loss = float(c["vf_coef"]) * value_loss
+                m: dict[str, float] = {"value_loss": float(value_loss.detach())}
+                if not actor_frozen:
+                    mnobs = {k: v[idx] for k, v in nobs.items()}
+                    adv = flat["advantage"][idx]
+                    if c["norm_adv"]:
+                        adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+                    log_prob, old = self.actor.log_prob(mnobs, flat["action"][idx]), flat["log_prob"][idx]
+                    adv = adv.view(-1, *[1] * (log_prob.dim() - 1)).expand_as(log_prob)  # one per denoising step
+                    pg_loss, pm = ppo_clip_loss(log_prob.flatten(), old.flatten(), adv.flatten(), float(c["clip"]))
+                    if target_kl is not None and pm["approx_kl"] > 1.5 * float(target_kl):
+                        stopped = True
+                        break
+                    loss = loss + pg_loss
+                    m.update(pm, policy_loss=float(pg_loss.detach()))
+                    entropy = self.actor.entropy(mnobs)
+                    if entropy is not None:
+                        loss = loss - float(c["ent_coef"]) * entropy.mean()
+                        m["entropy"] = float(entropy.mean().detach())
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                grad_norm = nn.utils.clip_grad_norm_(params, float(c["max_grad_norm"]))
+                m["grad_norm"] = float(nn.utils.clip_grad_norm_(params, float(c["max_grad_norm"])))
                 self.optimizer.step()
-                m = {**m, "policy_loss": float(pg_loss.detach()), "value_loss": float(value_loss.detach()),
-                     "entropy": float(entropy.detach()),
-                     "grad_norm": float(grad_norm)}
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
@@ -349,11 +484,14 @@ class PPOAgent:
         out["explained_variance"] = float(1.0 - (ret - val).var() / (ret.var() + 1e-8))
         out["minibatches"] = float(count)
         out["early_stop"] = float(stopped)
+        out["actor_frozen"] = float(actor_frozen)
         return out
 
     # ------------------------------------------------------------------------------------------ training
-    def train(self) -> dict[str, float]:
-        """Alternate rollouts and updates until ``cfg.env_steps``; returns the last logged metrics."""
+    def train(self, callback: Any = None) -> dict[str, float]:
+        """Alternate rollouts and updates until ``cfg.env_steps``; returns the last logged metrics.
+
+        ``callback(agent)``, if given, runs after every update (e.g. the consistency head's distillation)."""
         c = self.cfg
         total = int(c["env_steps"])
         ckpt_every = int(c["checkpoint_every"])
@@ -365,13 +503,14 @@ class PPOAgent:
         while self.env_steps < total:
             buf = self.collect()
             m = self.update(buf)
+            if callback is not None:
+                m.update(callback(self) or {})
             returns += buf["episode_returns"]
             successes += buf["episode_successes"]
             if self.updates % int(c["log_every"]) == 0 or self.env_steps >= total:
                 dt = time.perf_counter() - t0
                 metrics = {"env_steps": float(self.env_steps), **{f"train/{k}": v for k, v in m.items()},
-                           "train/std": float(self.policy.dist_params(
-                               {k: v[0, :1] for k, v in buf["nobs"].items()})[1].detach().exp().mean()),
+                           **self.actor.metrics({k: v[0, :1] for k, v in buf["nobs"].items()}),
                            "train/steps_per_s": (self.env_steps - steps0) / max(dt, 1e-9)}
                 if returns:
                     metrics["rollout/episodes"] = float(len(returns))

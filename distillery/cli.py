@@ -11,10 +11,11 @@ import sys
 
 COMMANDS = {
     "collect": "roll out the scripted expert -> zarr dataset (episodes=, expert_noise=, dataset=)",
-    "train": "imitation learning -> checkpoints (experiment=, policy=, agent.*); --resume RUN_DIR continues",
+    "train": "imitation (agent=bc) or RL (agent=offline|ppo|sac, init=CKPT) -> checkpoints; --resume RUN_DIR continues",
     "distill": "diffusion teacher -> one-step consistency policy (teacher=CKPT, agent.objective=output|consistency)",
     "eval": "evaluate a checkpoint -> results table + report.json (checkpoint=, episodes=, sampler=)",
     "export": "checkpoint -> policy.onnx + manifest.json for the torch-free runtime (checkpoint=, sampler=, export.*)",
+    "pipeline": "noisy expert -> bc -> offline RL -> online RL -> one-step distill -> eval -> export (task=, pipeline.*)",
     "demo": "collect -> train diffusion + MLP -> distill -> evaluate -> export -> deploy check (about 40 min)",
     "show": "print the composed config",
 }
@@ -27,6 +28,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="commands:\n" + "\n".join(f"  {k:<8} {v}" for k, v in COMMANDS.items()) +
                "\n\nexamples:\n  distillery collect task=push_cube episodes=200\n"
                "  distillery train experiment=push_cube_diffusion\n"
+               "  distillery pipeline task=lift_cube\n"
                "  distillery eval checkpoint=runs/<run>/checkpoints/last episodes=200 sampler=ddim:10")
     p.add_argument("command", choices=list(COMMANDS), metavar="command", help=" | ".join(COMMANDS))
     p.add_argument("overrides", nargs="*", help="Hydra overrides key=value, e.g. task=lift_cube agent.steps=2000")
@@ -48,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
             raise config_mod.ConfigError(f"arguments {bad} are not key=value overrides; e.g. task=push_cube")
         if args.command == "demo":
             report = pipeline.demo(args.overrides)
+        elif args.command == "pipeline":
+            report = pipeline.rl_pipeline(args.overrides)
         else:
             agent = ["agent=distill"] if args.command == "distill" else []
             cfg = config_mod.compose(agent + args.overrides)

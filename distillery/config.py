@@ -69,6 +69,20 @@ class DistillSchema(BCSchema):
 
 
 AGENT_SCHEMAS: dict[str, type] = {"bc": BCSchema, "distill": DistillSchema}
+# RL agents: the agent class's DEFAULTS are the schema (every key, with its default); ``num_envs`` is read by the
+# train command that builds the envs. (module, class, extra keys)
+RL_AGENTS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "ppo": ("distillery.agents.ppo", "PPOAgent", ("num_envs",)),
+    "sac": ("distillery.agents.sac", "SACAgent", ("num_envs",)),
+    "offline": ("distillery.agents.offline", "OfflineRLAgent", ()),
+}
+
+
+def rl_agent_class(name: str) -> type:
+    import importlib
+
+    module, cls, _ = RL_AGENTS[name]
+    return getattr(importlib.import_module(module), cls)
 
 
 @dataclass
@@ -102,6 +116,18 @@ class LoggerSchema:
 
 
 @dataclass
+class PipelineSchema:
+    root: Optional[str] = MISSING
+    expert_noise: dict[str, float] = MISSING
+    episodes: int = MISSING
+    eval_episodes: int = MISSING
+    bc: list[str] = MISSING
+    offline: list[str] = MISSING
+    online: list[str] = MISSING
+    distill: list[str] = MISSING
+
+
+@dataclass
 class RootSchema:
     seed: int = MISSING
     device: str = MISSING
@@ -111,6 +137,7 @@ class RootSchema:
     expert_noise: float = MISSING
     checkpoint: Optional[str] = MISSING
     teacher: Optional[str] = MISSING
+    init: Optional[str] = MISSING
     sampler: Optional[str] = MISSING
     task: TaskSchema = field(default_factory=TaskSchema)
     policy: dict[str, Any] = MISSING  # validated by the policy class itself (its DEFAULTS list every key)
@@ -119,6 +146,7 @@ class RootSchema:
     collect: CollectSchema = field(default_factory=CollectSchema)
     export: ExportSchema = field(default_factory=ExportSchema)
     logger: LoggerSchema = field(default_factory=LoggerSchema)
+    pipeline: PipelineSchema = field(default_factory=PipelineSchema)
 
 
 _UNKNOWN_KEY = re.compile(r"Could not override '([^']+)'")
@@ -148,7 +176,13 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
         m = _UNKNOWN_KEY.search(msg)
         if m:
             parent, _, key = m.group(1).rpartition(".")
-            node = OmegaConf.select(_hydra_compose([]), parent) if parent else _hydra_compose([])
+            # list the keys of the config the user chose (agent=ppo has other keys than the default agent)
+            choices = [o for o in overrides if "=" in o and "." not in o.split("=", 1)[0].lstrip("+~")]
+            try:
+                chosen = _hydra_compose(choices)
+            except (HydraException, OmegaConfBaseException):
+                chosen = _hydra_compose([])
+            node = OmegaConf.select(chosen, parent) if parent else chosen
             valid = sorted(node.keys()) if isinstance(node, DictConfig) else []
             msg = (f"unknown key {m.group(1)!r}"
                    + (f"; valid keys of {parent or 'the root'}: {', '.join(map(str, valid))}" if valid else ""))
@@ -159,15 +193,29 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
 def validate(cfg: DictConfig) -> DictConfig:
     """Type-check ``cfg`` against :class:`RootSchema` and check names and cross-field rules."""
     name = OmegaConf.select(cfg, "agent.name")
-    if name not in AGENT_SCHEMAS:
-        raise ConfigError(f"agent.name={name!r} is not an agent; valid agents: {', '.join(AGENT_SCHEMAS)}")
+    if name not in AGENT_SCHEMAS and name not in RL_AGENTS:
+        raise ConfigError(f"agent.name={name!r} is not an agent; valid agents: "
+                          f"{', '.join([*AGENT_SCHEMAS, *RL_AGENTS])}")
+    if name in RL_AGENTS:
+        _check_rl_agent(cfg.agent)
     try:
-        typed = OmegaConf.merge(OmegaConf.structured(RootSchema(agent=AGENT_SCHEMAS[name]())), cfg)
+        schema = AGENT_SCHEMAS[name]() if name in AGENT_SCHEMAS else {}
+        typed = OmegaConf.merge(OmegaConf.structured(RootSchema(agent=schema)), cfg)
         OmegaConf.to_container(typed, throw_on_missing=True)
     except OmegaConfBaseException as e:
         raise ConfigError(f"invalid config: {e}".strip()) from None
     _check_choices(typed)
     return typed
+
+
+def _check_rl_agent(agent: DictConfig) -> None:
+    """Every key of an RL agent section must be one of its class's DEFAULTS (or a train-command key)."""
+    name = agent.name
+    valid = set(rl_agent_class(name).DEFAULTS) | set(RL_AGENTS[name][2]) | {"name"}  # type: ignore[attr-defined]
+    unknown = sorted(set(agent.keys()) - valid)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {['agent.' + str(k) for k in unknown]} for agent={name}; valid keys: "
+                          f"{', '.join(sorted(valid - {'name'}))}")
 
 
 def _check_choices(cfg: DictConfig) -> None:
@@ -187,16 +235,23 @@ def _check_choices(cfg: DictConfig) -> None:
             check_distill_config(cfg.agent)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    positive = {"episodes": cfg.episodes, "agent.steps": cfg.agent.steps, "agent.batch_size": cfg.agent.batch_size,
-                "eval.num_envs": cfg.eval.num_envs, "collect.num_envs": cfg.collect.num_envs,
-                "agent.checkpoint_every": cfg.agent.checkpoint_every, "agent.log_every": cfg.agent.log_every,
+    bc_like = cfg.agent.name in AGENT_SCHEMAS
+    agent_positive = {"agent.steps": cfg.agent.steps, "agent.batch_size": cfg.agent.batch_size,
+                      "agent.checkpoint_every": cfg.agent.checkpoint_every,
+                      "agent.log_every": cfg.agent.log_every} if bc_like else {}
+    if "num_envs" in cfg.agent:
+        agent_positive["agent.num_envs"] = cfg.agent.num_envs
+    positive = {"episodes": cfg.episodes, **agent_positive, "eval.num_envs": cfg.eval.num_envs,
+                "collect.num_envs": cfg.collect.num_envs,
                 "eval.latency_calls": cfg.eval.latency_calls, "eval.deploy_episodes": cfg.eval.deploy_episodes,
                 **{f"eval.sampler_episodes.{k}": v for k, v in cfg.eval.sampler_episodes.items()}}
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
-    for key in ("expert_noise", "collect.action_noise", "agent.lr", "agent.weight_decay", "agent.warmup_steps",
-                "agent.eval_every", "eval.video_episodes"):
+    nonneg = ["expert_noise", "collect.action_noise", "eval.video_episodes"]
+    if bc_like:
+        nonneg += ["agent.lr", "agent.weight_decay", "agent.warmup_steps", "agent.eval_every"]
+    for key in nonneg:
         value = OmegaConf.select(cfg, key)
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")

@@ -108,7 +108,7 @@ def _run_agent(agent: Any, ckpt: Path | None, logger: Any, run_dir: Path) -> Pat
     """Resume ``agent`` from ``ckpt`` if given, train it to its last step, close the logger."""
     if ckpt is not None:
         agent.load(ckpt)
-        print(f"resumed from {ckpt} at step {agent.step}")
+        print(f"resumed from {ckpt} at step {getattr(agent, 'step', None) or getattr(agent, 'env_steps', None)}")
     agent.train()
     logger.close()
     return run_dir
@@ -131,8 +131,12 @@ def _start_run(cfg: DictConfig, resume: str | Path | None, command: str) -> tupl
 
 
 def train(cfg: DictConfig, resume: str | Path | None = None) -> Path:
-    """Imitation of the dataset with ``cfg.policy``; returns the run directory (checkpoints inside)."""
+    """Imitation of the dataset with ``cfg.policy`` (agent=bc), or an RL agent (:func:`train_rl`); returns the run
+    directory (checkpoints inside)."""
     import torch
+
+    if cfg.agent.name in config_mod.RL_AGENTS:
+        return train_rl(cfg, resume)
 
     from distillery.agents import BCAgent
     from distillery.data import EpisodeDataset, SequenceDataset
@@ -166,6 +170,73 @@ def train(cfg: DictConfig, resume: str | Path | None = None) -> Path:
     agent = BCAgent(cfg.agent, policy, data, run_dir, logger, seed=int(cfg.seed), evaluate=periodic_eval,
                     meta={"task": cfg.task.name, "dataset": str(path), "config": OmegaConf.to_container(cfg)})
     return _run_agent(agent, ckpt, logger, run_dir)
+
+
+def _initial_policy(cfg: DictConfig, env: BatchedEnv | None = None) -> tuple[Any, dict[str, Any]]:
+    """``cfg.init``'s policy (checked against the task) or a fresh ``cfg.policy`` for ``env``'s specs."""
+    from distillery.evaluate import load_policy
+    from distillery.policies import make_policy
+
+    if cfg.init:
+        policy, meta = load_policy(cfg.init)
+        trained_on = meta.get("config", {}).get("task", {}).get("name", meta.get("task"))
+        if trained_on != cfg.task.name:
+            raise ValueError(f"init={cfg.init} was trained on task {trained_on!r}, not task={cfg.task.name!r}")
+        return policy, {"checkpoint": meta["checkpoint_path"], "sha256": meta["checkpoint_sha256"],
+                        "dataset": meta.get("dataset")}
+    if env is None:
+        raise ValueError(f"agent={cfg.agent.name} fine-tunes a trained policy: pass init=<a BC run dir or checkpoint>")
+    return make_policy(cfg.policy.name, env.observation_spec, env.action_spec,
+                       OmegaConf.to_container(cfg.policy)), {}
+
+
+def train_rl(cfg: DictConfig, resume: str | Path | None = None) -> Path:
+    """``agent=ppo|sac`` (online, batched envs; from ``init`` or a fresh ``policy``) or ``agent=offline`` (RL-100's
+    offline stage from ``init``, a BC run, on ``dataset`` or the one ``init`` was trained on)."""
+    import torch
+
+    cfg, run_dir, ckpt = _start_run(cfg, resume, "train")
+    torch.manual_seed(int(cfg.seed))
+    name = cfg.agent.name
+    agent_cfg = OmegaConf.to_container(cfg.agent)
+    num_envs = int(agent_cfg.pop("num_envs", 1))
+    logger = make_logger(cfg, run_dir, run_dir.name)
+    meta: dict[str, Any] = {"task": cfg.task.name, "config": OmegaConf.to_container(cfg)}
+    if name == "offline":
+        from distillery.agents.offline import OfflineRLAgent
+
+        policy, meta["init"] = _initial_policy(cfg)
+        path = Path(cfg.dataset) if cfg.dataset else Path(meta["init"]["dataset"] or dataset_path(cfg))
+        meta["dataset"] = str(path)
+
+        def collect_more(p: Any, episodes: int, round_: int) -> None:
+            _append_rollouts(cfg, p, path, episodes, int(cfg.seed) + 1000 * (round_ + 1))
+
+        agent: Any = OfflineRLAgent(agent_cfg, policy, path, run_dir, logger, seed=int(cfg.seed), meta=meta,
+                                    collect=collect_more)
+    else:
+        env = env_from_config(cfg.task, num_envs, int(cfg.seed))
+        policy, meta["init"] = _initial_policy(cfg, env)
+        cls = config_mod.rl_agent_class(name)
+        agent = cls(agent_cfg, policy, env, run_dir, logger, seed=int(cfg.seed), meta=meta)
+    print(f"train {name} ({policy.name}, {policy.num_params() / 1e6:.2f}M params"
+          + (f", from {cfg.init}" if cfg.init else "") + f") -> {run_dir}")
+    return _run_agent(agent, ckpt, logger, run_dir)
+
+
+def _append_rollouts(cfg: DictConfig, policy: Any, path: Path, episodes: int, seed: int) -> None:
+    """Roll out ``policy`` (its default sampler) and append the episodes to the dataset at ``path``."""
+    from distillery.data import EpisodeDataset, EpisodeWriter
+    from distillery.evaluate import PolicyActor
+    from distillery.rollout import run_waves
+
+    old = EpisodeDataset(path)
+    env = env_from_config(cfg.task, min(int(cfg.collect.num_envs), episodes), seed)
+    with EpisodeWriter(path, old.meta, env.observation_spec, env.action_spec) as writer:
+        for wave in run_waves(env, PolicyActor(policy, None, seed), episodes, seed, record=True):
+            for ep in wave:
+                writer.append(ep.obs, ep.action, ep.reward, ep.terminated, ep.truncated)
+    env.close()
 
 
 # ----------------------------------------------------------------------------------------------- distill
@@ -291,3 +362,122 @@ def demo(overrides: list[str]) -> Path:
     print(format_table(results))
     print(f"demo finished in {(time.perf_counter() - t0) / 60:.1f} min")
     return report
+
+
+# ----------------------------------------------------------------------------------------------- RL pipeline
+RL_STAGES = ("expert", "bc", "offline", "online", "one_step")
+
+
+def _stage(root: Path, name: str, run: Any) -> dict[str, Any]:
+    """Run ``run() -> path`` unless ``root/<name>/stage.json`` says it finished; returns that record
+    (``path``, ``wall_s`` of the run that finished it, ``resumed``)."""
+    from distillery.runtime import atomic_write_text
+
+    marker = root / name / "stage.json"
+    if marker.is_file():
+        record = json.loads(marker.read_text())
+        print(f"pipeline: stage {name} finished earlier ({record['path']}); skipped")
+        return record
+    resumed = (root / name).exists()
+    t0 = time.perf_counter()
+    path = run()
+    record = {"stage": name, "path": str(path), "wall_s": time.perf_counter() - t0, "resumed": resumed}
+    (root / name).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(marker, json.dumps(record, indent=1))
+    return record
+
+
+def _resume_arg(run_dir: Path) -> Path | None:
+    return run_dir if (run_dir / "checkpoints").exists() else None
+
+
+def rl_pipeline(overrides: list[str]) -> Path:
+    """``distillery pipeline task=T``: demonstrations of a noisy expert -> BC -> RL-100 offline RL -> online PPO
+    over the denoising chain -> one-step consistency distillation -> evaluation of every stage over
+    ``pipeline.eval_episodes`` seeded episodes -> ONNX export of the one-step policy. Every stage is a normal run
+    directory under ``pipeline.root`` (what `distillery train/distill` would write); a rerun skips finished stages
+    and resumes an interrupted one from its checkpoints. Writes ``report.json`` (rows: task, stage, success_rate,
+    episodes, wall_s, ...) and prints the table; returns the report path."""
+    from distillery.deploy.export import export as export_stage
+    from distillery.evaluate import evaluate_deployed, evaluate_policy, load_policy
+    from distillery.rollout import run_waves, summarize
+    from distillery.runtime import atomic_write_text
+
+    t_start = time.perf_counter()
+    base = config_mod.compose(overrides)
+    task, p = base.task.name, base.pipeline
+    if task not in p.expert_noise:
+        raise config_mod.ConfigError(f"pipeline.expert_noise has no entry for task {task!r}; add "
+                                     f"pipeline.expert_noise.{task}=<action noise std>")
+    root = Path(p.root) if p.root else RUNS_DIR / f"pipeline_{task}"
+    data = root / "data.zarr"
+    noise = float(p.expert_noise[task])
+
+    def stage_cfg(stage_overrides: Any, name: str, *extra: str) -> DictConfig:
+        return config_mod.compose([*stage_overrides, *overrides, f"dataset={data}", f"run_dir={root / name}", *extra])
+
+    records = {"collect": _stage(root, "collect", lambda: collect(stage_cfg(
+        [], "collect", f"expert_noise={noise}", f"episodes={int(p.episodes)}")))}
+    records["bc"] = _stage(root, "bc", lambda: train(stage_cfg(p.bc, "bc"), resume=_resume_arg(root / "bc")))
+    records["offline"] = _stage(root, "offline", lambda: train(
+        stage_cfg(p.offline, "offline", f"init={root / 'bc'}"), resume=_resume_arg(root / "offline")))
+    records["online"] = _stage(root, "online", lambda: train(
+        stage_cfg(p.online, "online", f"init={root / 'offline'}"), resume=_resume_arg(root / "online")))
+    records["one_step"] = _stage(root, "distill", lambda: distill(
+        stage_cfg(p.distill, "distill", f"teacher={root / 'online'}"), resume=_resume_arg(root / "distill")))
+
+    # ---- evaluation of every stage on the same seeded episodes (cached per stage)
+    episodes, seed = int(p.eval_episodes), int(base.seed) + 12345  # seeds apart from training and collection
+    rows = []
+    for stage in RL_STAGES:
+        cache = root / "eval" / f"{stage}.json"
+        if cache.is_file():
+            rows.append(json.loads(cache.read_text()))
+            continue
+        env = env_from_config(base.task, min(int(base.eval.num_envs), episodes), seed)
+        t0 = time.perf_counter()
+        if stage == "expert":
+            expert = make_expert(task, env.num_envs, noise=noise, seed=seed)
+            summary = summarize([ep for wave in run_waves(env, expert, episodes, seed) for ep in wave])
+            sampler, wall = "expert", float(records["collect"]["wall_s"])
+        else:
+            policy, _ = load_policy(records[stage]["path"])
+            sampler = "consistency:1" if stage == "one_step" else None
+            summary, _ = evaluate_policy(policy, env, episodes, seed, sampler)
+            sampler = sampler or str(policy.cfg.get("sampler"))
+            wall = float(records[stage]["wall_s"])
+        env.close()
+        row = {"task": task, "stage": stage, "success_rate": summary["success_rate"], "episodes": episodes,
+               "wall_s": wall, "success_ci95": summary["success_ci95"], "mean_return": summary["mean_return"],
+               "sampler": sampler, "eval_wall_s": time.perf_counter() - t0,
+               "checkpoint": records["collect" if stage == "expert" else stage]["path"]}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cache, json.dumps(row, indent=1))
+        rows.append(row)
+        print(f"pipeline eval {stage}: success {row['success_rate']:.3f} over {episodes} episodes")
+
+    # ---- export of the one-step policy, checked in closed loop through the torch-free runtime
+    export_dir = root / "export"
+    if not (export_dir / "manifest.json").is_file():
+        export_stage(config_mod.compose([*overrides, f"checkpoint={records['one_step']['path']}",
+                                         "sampler=consistency:1", f"export.out_dir={export_dir}"]))
+    deployed = evaluate_deployed(export_dir, int(base.eval.deploy_episodes), seed)
+    rows[-1]["onnx_latency_ms_p50"] = deployed.get("latency_ms_p50")
+    rows[-1]["onnx_success_rate"] = deployed.get("success_rate")
+    report = {"task": task, "root": str(root), "rows": rows,
+              "stage_wall_s": {k: v["wall_s"] for k, v in records.items()},
+              "pipeline_wall_s": sum(v["wall_s"] for v in records.values()),
+              "this_invocation_wall_s": time.perf_counter() - t_start}
+    path = root / "report.json"
+    atomic_write_text(path, json.dumps(report, indent=1))
+    print(format_pipeline_table(rows))
+    return path
+
+
+def format_pipeline_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| stage | success | 95% CI | episodes | sampler | stage wall (min) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lo, hi = r["success_ci95"]
+        lines.append(f"| {r['stage']} | {r['success_rate']:.3f} | [{lo:.3f}, {hi:.3f}] | {r['episodes']} | "
+                     f"{r['sampler']} | {r['wall_s'] / 60:.1f} |")
+    return "\n".join(lines)

@@ -240,3 +240,72 @@ def test_short_ppo_run_beats_its_initialisation(tmp_path):
     agent.train()
     after, _ = evaluate_policy(policy, eval_env, 16, seed=123, sampler="mean")
     assert after["mean_return"] > before["mean_return"] + 2.5, (before, after)
+
+
+# ------------------------------------------------------------------------------------------ PPO over the chain
+def _diffusion_agent(tmp_path, max_episode_steps: int = 7, **cfg) -> PPOAgent:
+    env = make_env("push_cube", 3, seed=0, max_episode_steps=max_episode_steps)
+    torch.manual_seed(0)
+    policy = make_policy("diffusion", env.observation_spec, env.action_spec,
+                         {"down_dims": [8, 16], "step_embed_dim": 8, "n_groups": 4, "pred_horizon": 4,
+                          "obs_horizon": 2, "action_horizon": 3, "encoder": {"type": "mlp", "hidden": [16],
+                                                                             "out_dim": 8}})
+    d = env.observation_spec["state"].shape[0]
+    policy.set_normalizer({"state": {"min": -2 * np.ones(d), "max": 2 * np.ones(d), "mean": np.zeros(d),
+                                     "std": np.ones(d)},
+                           "action": {"min": -np.ones(2), "max": np.ones(2), "mean": np.zeros(2), "std": np.ones(2)}})
+    cfg = {"env_steps": 27, "num_steps": 3, "epochs": 1, "minibatch_size": 9, "value_hidden": [16],
+           "ddim_steps": 4, **cfg}
+    return PPOAgent(cfg, policy, env, tmp_path / "run", ListLogger(), seed=0,  # type: ignore[arg-type]
+                    meta={"config": {"task": {"name": "push_cube", "max_episode_steps": max_episode_steps,
+                                              "decimation": None, "kwargs": {}}}})
+
+
+def test_diffusion_rollout_records_chains_chunks_and_ratio_one(tmp_path):
+    agent = _diffusion_agent(tmp_path)
+    buf = agent.collect()
+    # 3 decisions x 3 envs, each a 4-step chain over (Tp=4, Da=2), executing Ta=3 actions
+    assert buf["action"].shape == (3, 3, 5, 4, 2) and buf["log_prob"].shape == (3, 3, 4)
+    assert agent.env_steps == 27 and buf["nobs"]["state"].shape[:3] == (3, 3, 2)
+    # the 7-step limit falls on the first action of decision 3, which bootstraps from V(final obs)
+    assert bool(buf["truncated"][2].all()) and not bool(buf["truncated"][:2].any())
+    torch.testing.assert_close(buf["next_value"][:2], buf["value"][1:3])
+    # the reset env played the chunk's two remaining actions in its new episode: its history is the last 2 obs
+    torch.testing.assert_close(agent._hist["state"][:, -1], agent._obs["state"].float())
+    nobs = {k: v.flatten(0, 1) for k, v in buf["nobs"].items()}
+    new = agent.actor.log_prob(nobs, buf["action"].flatten(0, 1))
+    torch.testing.assert_close(new, buf["log_prob"].flatten(0, 1), atol=1e-4, rtol=0)
+
+
+def test_diffusion_critic_warmup_keeps_the_actor_and_a_run_checkpoints_an_evaluable_policy(tmp_path):
+    agent = _diffusion_agent(tmp_path, critic_warmup=1, env_steps=54)
+    before = [p.detach().clone() for p in agent.policy.parameters()]
+    value_before = [p.detach().clone() for p in agent.value.parameters()]
+    m = agent.update(agent.collect())
+    assert m["actor_frozen"] == 1.0 and "policy_loss" not in m
+    assert all(torch.equal(a, b) for a, b in zip(before, agent.policy.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(value_before, agent.value.parameters()))
+    m = agent.update(agent.collect())  # the second update moves the actor, with ratio 1 at its first minibatch
+    assert m["actor_frozen"] == 0.0 and "policy_loss" in m
+    assert not all(torch.equal(a, b) for a, b in zip(before, agent.policy.parameters()))
+    agent.save()
+    policy, meta = load_policy(tmp_path / "run")
+    assert meta["agent"] == "ppo" and policy.name == "diffusion"
+    obs = {"state": torch.randn(2, 2, agent.env.observation_spec["state"].shape[0])}
+    g = [torch.Generator().manual_seed(0) for _ in range(2)]
+    torch.testing.assert_close(policy.predict_chunk(obs, generator=g[0]),
+                               agent.policy.predict_chunk(obs, generator=g[1]))
+
+
+def test_diffusion_summed_chunk_reward(tmp_path):
+    """A decision's reward is the sum of its executed steps' rewards: replay the same actions in a twin env."""
+    agent = _diffusion_agent(tmp_path, norm_reward=False, max_episode_steps=50)
+    twin = make_env("push_cube", 3, seed=0, max_episode_steps=50)
+    obs = twin.reset(seed=agent.seed)
+    gen_state = agent.generator.get_state()
+    buf = agent.collect()
+    agent.generator.set_state(gen_state)
+    nobs = agent.policy.normalizer.normalize_dict({"state": obs["state"].unsqueeze(1).repeat_interleave(2, 1)})
+    _, _, actions = agent.actor.act(nobs, agent.generator)
+    total = sum(twin.step(actions[:, j])[1] for j in range(3))
+    torch.testing.assert_close(buf["reward"][0], total.float())

@@ -1,0 +1,86 @@
+"""`distillery pipeline` end to end on a tiny budget: every stage writes its run directory, the report has one row
+per stage, a rerun skips finished stages, an interrupted stage resumes; and the RL agents through `train`."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from distillery import config as config_mod
+from distillery.cli import main
+
+TINY_POLICY = ["policy=diffusion", "policy.down_dims=[8,16]", "policy.step_embed_dim=8", "policy.n_groups=4",
+               "policy.pred_horizon=4", "policy.action_horizon=2", "policy.encoder.hidden=[16]",
+               "policy.encoder.out_dim=8"]
+TINY = [
+    "task=push_cube", "task.max_episode_steps=12", "logger.wandb=false", "pipeline.root=pipe", "pipeline.episodes=4",
+    "pipeline.eval_episodes=4", "eval.num_envs=4", "eval.deploy_episodes=1", "collect.num_envs=4",
+    "pipeline.bc=[" + ",".join(f'"{o}"' for o in [*TINY_POLICY, "agent.steps=3", "agent.batch_size=8",
+                                                   "agent.warmup_steps=1", "agent.log_every=1"]) + "]",
+    'pipeline.offline=["agent=offline","agent.rounds=1","agent.critic_steps=3","agent.critic_hidden=[16]",'
+    '"agent.ppo_steps=2","agent.batch_size=8","agent.ope=q","agent.ope_every=1","agent.ope_states=8",'
+    '"agent.ddim_steps=2","agent.log_every=1"]',
+    'pipeline.online=["agent=ppo","agent.num_envs=2","agent.env_steps=16","agent.num_steps=4","agent.epochs=1",'
+    '"agent.minibatch_size=4","agent.ddim_steps=2","agent.value_hidden=[16]"]',
+    'pipeline.distill=["agent=distill","agent.steps=2","agent.batch_size=8","agent.teacher_sampler=ddim:2",'
+    '"agent.log_every=1"]',
+]
+
+
+def test_pipeline_runs_every_stage_reports_and_skips_finished_stages(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["pipeline", *TINY]) == 0
+    report = json.loads((tmp_path / "pipe" / "report.json").read_text())
+    assert [r["stage"] for r in report["rows"]] == ["expert", "bc", "offline", "online", "one_step"]
+    for r in report["rows"]:
+        assert r["task"] == "push_cube" and r["episodes"] == 4 and 0.0 <= r["success_rate"] <= 1.0
+        assert r["wall_s"] > 0
+    assert report["rows"][-1]["sampler"] == "consistency:1" and report["rows"][-1]["onnx_latency_ms_p50"] > 0
+    for stage in ("bc", "offline", "online", "distill"):
+        assert (tmp_path / "pipe" / stage / "checkpoints" / "last" / "meta.json").is_file()
+    # each RL stage started from the previous one
+    online = json.loads((tmp_path / "pipe" / "online" / "checkpoints" / "last" / "meta.json").read_text())
+    assert online["agent"] == "ppo" and online["init"]["checkpoint"].startswith(str(tmp_path / "pipe" / "offline"))
+    capsys.readouterr()
+
+    # a rerun skips every finished stage and reports the same rows
+    assert main(["pipeline", *TINY]) == 0
+    out = capsys.readouterr().out
+    assert out.count("finished earlier") == 5
+    again = json.loads((tmp_path / "pipe" / "report.json").read_text())
+    assert [r["success_rate"] for r in again["rows"]] == [r["success_rate"] for r in report["rows"]]
+
+    # a stage interrupted after its checkpoints were written resumes from them instead of starting over
+    (tmp_path / "pipe" / "distill" / "stage.json").unlink()
+    shutil.rmtree(tmp_path / "pipe" / "eval")
+    assert main(["pipeline", *TINY]) == 0
+    assert "resumed from" in capsys.readouterr().out
+
+
+def test_rl_agent_configs_are_checked_before_any_work():
+    with pytest.raises(config_mod.ConfigError, match=r"agent.epoch.*valid keys of agent.*epochs, eta"):
+        config_mod.compose(["agent=ppo", "agent.epoch=3"])
+    with pytest.raises(config_mod.ConfigError, match="agent.num_envs must be >= 1"):
+        config_mod.compose(["agent=sac", "agent.num_envs=0"])
+    assert config_mod.compose(["agent=offline"]).agent.rounds >= 1
+
+
+def test_offline_rl_needs_a_policy_to_start_from(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "agent=offline", "logger.wandb=false", "run_dir=off"]) == 2
+    assert "init=" in capsys.readouterr().err
+
+
+def test_agent_yamls_hold_the_class_defaults():
+    import yaml
+
+    from distillery.agents.offline import OfflineRLAgent
+    from distillery.agents.ppo import PPOAgent
+
+    for name, cls, extra in (("ppo", PPOAgent, {"num_envs"}), ("offline", OfflineRLAgent, set())):
+        cfg = yaml.safe_load((config_mod.CONFIG_DIR / "agent" / f"{name}.yaml").read_text())
+        assert cfg.pop("name") == name
+        for key in extra:
+            cfg.pop(key)
+        assert cfg == cls.DEFAULTS
