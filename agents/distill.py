@@ -107,10 +107,10 @@ class ConsistencyHead:
     one-step policy. The student starts as a copy of the teacher's weights."""
 
     def __init__(self, teacher: DiffusionPolicy, student: Mapping[str, Any] | None = None, lr: float = 1e-4,
-                 multistep_prob: float = 0.3, teacher_sampler: str = "ddim:10", seed: int = 0) -> None:
+                 multistep_prob: float = 0.3, teacher_sampler: str | None = None, seed: int = 0) -> None:
         self.teacher = teacher
         self.student = make_student(teacher, student)
-        self.sampler = teacher.parse_sampler(teacher_sampler)
+        self.sampler = teacher.parse_sampler(teacher_sampler)  # None: the teacher's own (fine-tuned) chain
         self.multistep_prob = float(multistep_prob)
         self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=float(lr), weight_decay=0.0)
 
@@ -130,6 +130,15 @@ class ConsistencyHead:
 
     def train_state(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict()}
+
+    def save_policy(self, run_dir: Any, step: int, meta: Mapping[str, Any]) -> Any:
+        """Write the head as a standalone policy run (``run_dir/checkpoints/...``, ``model.*`` = the student) that
+        `distillery eval` and `export` load like any trained policy."""
+        from distillery.runtime import save_run_checkpoint
+
+        tensors = {f"model.{k}": v for k, v in self.student.state_dict().items()}
+        return save_run_checkpoint(run_dir, step, tensors, {**meta, "kind": "policy", "step": step,
+                                                            "policy": self.student.describe()})
 
     def load_train_state(self, state: Mapping[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])

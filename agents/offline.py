@@ -139,7 +139,7 @@ class OfflineRLAgent:
         "ope_rows": 4096,           # transitions FQE is fitted on (a fixed random subset: the policy runs on each)
         "collect_episodes": 0,      # rollouts of the accepted policy appended to the dataset after each round
         "consistency_head": False,  # distil a one-step head from the improving policy, one step per PPO step
-        "head": {"student": None, "lr": 1e-4, "multistep_prob": 0.3, "teacher_sampler": "ddim:10"},
+        "head": {"student": None, "lr": 1e-4, "multistep_prob": 0.3, "teacher_sampler": None},  # None: ddim:K
         "log_every": 25,
     }
 
@@ -163,6 +163,8 @@ class OfflineRLAgent:
         self.run_dir, self.meta, self.seed, self.collect = Path(run_dir), dict(meta or {}), int(seed), collect
         self.mdp = policy.denoising_mdp(int(c["ddim_steps"]), c["ft_steps"], float(c["eta"]), float(c["std_min"]),
                                         float(c["std_min"]))
+        if c["ft_steps"] is None:  # the accepted policy is sampled with the chain it was fine-tuned on
+            policy.set_sampler(f"ddim:{int(c['ddim_steps'])}")
         self.frozen = copy.deepcopy(policy).eval().requires_grad_(False)  # the BC network runs the untrained steps
         self.accepted = copy.deepcopy(policy).eval().requires_grad_(False)
         self.optimizer = torch.optim.AdamW(policy.parameters(), lr=float(c["lr"]), weight_decay=0.0)
@@ -313,6 +315,8 @@ class OfflineRLAgent:
         meta = {**self.meta, "kind": CHECKPOINT_KIND, "step": self.round, "policy": self.accepted.describe(),
                 "train_state": skeleton, "offline_history": self.history,
                 "head_policy": self.head.student.describe() if self.head is not None else None}
+        if self.head is not None:  # also as a policy run of its own: run_dir/head is deployable as it is
+            self.head.save_policy(self.run_dir / "head", self.round, self.meta)
         return save_run_checkpoint(self.run_dir, self.round, tensors, meta)
 
     def load(self, path: str | Path) -> None:

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from distillery.agents.distill import ConsistencyHead
 from distillery.envs import BatchedEnv
 from distillery.policies import DiffusionPolicy, GaussianPolicy
 from distillery.policies.base import to_plain
@@ -239,6 +240,11 @@ class PPOAgent:
         "std_min_sample": 0.1,     # DPPO's exploration floor; evaluation samples with the policy's own sampler
         "std_min_logprob": 0.1,
         "noise_clip": 3.0,
+        # diffusion policy only: RL-100's one-step head, distilled from the live policy after every update;
+        # written as a standalone policy run in run_dir/head (deployable as it is)
+        "consistency_head": False,
+        "head": {"student": None, "lr": 1e-4, "multistep_prob": 0.3, "teacher_sampler": None},  # None: ddim:K
+        "head_steps": 8,           # distillation steps per update, on minibatches of the rollout's observations
         "log_every": 1,            # rollouts between log lines
         "checkpoint_every": 0,     # env steps between checkpoints (0: only at the end)
     }
@@ -253,13 +259,20 @@ class PPOAgent:
         if isinstance(policy, GaussianPolicy):
             self.actor: GaussianActor | ChainActor = GaussianActor(policy)
         elif isinstance(policy, DiffusionPolicy) and policy.name == "diffusion":
-            # all steps are trained: the checkpoint is one network that eval and export sample end to end
+            # all steps are trained: the checkpoint is one network that eval and export sample end to end, with
+            # the deterministic (eta 0) version of the chain it was fine-tuned on
+            policy.set_sampler(f"ddim:{int(c['ddim_steps'])}")
             self.actor = ChainActor(policy, policy.denoising_mdp(
                 int(c["ddim_steps"]), None, float(c["eta"]), float(c["std_min_sample"]), float(c["std_min_logprob"]),
                 None if c["noise_clip"] is None else float(c["noise_clip"])))
         else:
             raise TypeError(f"PPOAgent trains a GaussianPolicy (policy=gaussian) or a diffusion policy "
                             f"(policy=diffusion), got {type(policy).__name__}")
+        self.head = None
+        if c["consistency_head"]:
+            if not isinstance(self.actor, ChainActor):
+                raise ValueError("ppo.consistency_head distils a diffusion policy; this policy is a Gaussian")
+            self.head = ConsistencyHead(policy, **{**self.DEFAULTS["head"], **c["head"]}, seed=int(seed))
         for key in ("num_steps", "epochs", "minibatch_size"):
             if int(c[key]) < 1:
                 raise ValueError(f"ppo.{key} must be >= 1, got {c[key]}")
@@ -487,6 +500,17 @@ class PPOAgent:
         out["actor_frozen"] = float(actor_frozen)
         return out
 
+    def _update_head(self, buf: Mapping[str, Any]) -> float:
+        """``head_steps`` distillation steps of the one-step head from the just-updated policy."""
+        nobs = {k: v.flatten(0, 1) for k, v in buf["nobs"].items()}
+        n = next(iter(nobs.values())).shape[0]
+        losses = []
+        for _ in range(int(self.cfg["head_steps"])):
+            idx = torch.randint(0, n, (min(int(self.cfg["minibatch_size"]), n),), generator=self.generator,
+                                device=self.device)
+            losses.append(self.head.update({k: v[idx] for k, v in nobs.items()}))  # type: ignore[union-attr]
+        return float(np.mean(losses)) if losses else 0.0
+
     # ------------------------------------------------------------------------------------------ training
     def train(self, callback: Any = None) -> dict[str, float]:
         """Alternate rollouts and updates until ``cfg.env_steps``; returns the last logged metrics.
@@ -503,6 +527,8 @@ class PPOAgent:
         while self.env_steps < total:
             buf = self.collect()
             m = self.update(buf)
+            if self.head is not None:
+                m["head_loss"] = self._update_head(buf)
             if callback is not None:
                 m.update(callback(self) or {})
             returns += buf["episode_returns"]
@@ -539,6 +565,9 @@ class PPOAgent:
             "ret_rms": self.ret_rms.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "generator": self.generator.get_state()},
         }
+        if self.head is not None:
+            train_state["head"] = {"student": self.head.student.state_dict(), **self.head.train_state()}
+            self.head.save_policy(self.run_dir / "head", self.env_steps, self.meta)
         flat, skeleton = flatten_state(train_state, prefix="train.")
         tensors.update(flat)
         meta = {**self.meta, "kind": CHECKPOINT_KIND, "agent": "ppo", "step": self.env_steps,
@@ -560,6 +589,9 @@ class PPOAgent:
         for k, r in self.obs_rms.items():
             r.load_state_dict(state["obs_rms"][k])
         self.ret_rms.load_state_dict(state["ret_rms"])
+        if self.head is not None and "head" in state:
+            self.head.student.load_state_dict(state["head"]["student"])
+            self.head.load_train_state(state["head"])
         torch.set_rng_state(state["rng"]["torch"])
         self.generator.set_state(state["rng"]["generator"])
         self.env_steps, self.updates = int(meta["step"]), int(meta["updates"])

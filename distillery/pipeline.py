@@ -108,7 +108,8 @@ def _run_agent(agent: Any, ckpt: Path | None, logger: Any, run_dir: Path) -> Pat
     """Resume ``agent`` from ``ckpt`` if given, train it to its last step, close the logger."""
     if ckpt is not None:
         agent.load(ckpt)
-        print(f"resumed from {ckpt} at step {getattr(agent, 'step', None) or getattr(agent, 'env_steps', None)}")
+        progress = next(getattr(agent, a) for a in ("step", "env_steps", "round") if hasattr(agent, a))
+        print(f"resumed from {ckpt} at step {progress}")
     agent.train()
     logger.close()
     return run_dir
@@ -475,9 +476,10 @@ def rl_pipeline(overrides: list[str]) -> Path:
 
 
 def format_pipeline_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| stage | success | 95% CI | episodes | sampler | stage wall (min) |", "|---|---|---|---|---|---|"]
+    lines = ["| task | stage | success | 95% CI | episodes | sampler | stage wall (min) |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         lo, hi = r["success_ci95"]
-        lines.append(f"| {r['stage']} | {r['success_rate']:.3f} | [{lo:.3f}, {hi:.3f}] | {r['episodes']} | "
-                     f"{r['sampler']} | {r['wall_s'] / 60:.1f} |")
+        lines.append(f"| {r['task']} | {r['stage']} | {r['success_rate']:.3f} | [{lo:.3f}, {hi:.3f}] | "
+                     f"{r['episodes']} | {r['sampler']} | {r['wall_s'] / 60:.1f} |")
     return "\n".join(lines)

@@ -101,6 +101,12 @@ class DiffusionPolicy(Policy):
                              f"{list(self.SAMPLER_KINDS)}")
         return spec
 
+    def set_sampler(self, sampler: str) -> None:
+        """Make ``sampler`` the default (stored in the config, so checkpoints, eval and export use it): an RL
+        fine-tuned policy is only trained for the ``ddim:K`` chain it was fine-tuned on."""
+        self.default_sampler = self.parse_sampler(sampler)
+        self.cfg["sampler"] = sampler
+
     # -- pieces reused by RL fine-tuning and distillation ---------------------------------------------------
     def encode_obs(self, nobs: Mapping[str, Tensor]) -> Tensor:
         """Normalised ``{k: (B, To, *shape)}`` -> global condition ``(B, cond_dim)``."""

@@ -309,3 +309,21 @@ def test_diffusion_summed_chunk_reward(tmp_path):
     _, _, actions = agent.actor.act(nobs, agent.generator)
     total = sum(twin.step(actions[:, j])[1] for j in range(3))
     torch.testing.assert_close(buf["reward"][0], total.float())
+
+
+def test_consistency_head_is_distilled_during_ppo_and_saved_as_a_policy_run(tmp_path):
+    agent = _diffusion_agent(tmp_path, consistency_head=True, head_steps=2, env_steps=27)
+    before = [p.detach().clone() for p in agent.head.student.parameters()]
+    metrics = agent.train()
+    assert metrics["train/head_loss"] > 0
+    assert not all(torch.equal(a, b) for a, b in zip(before, agent.head.student.parameters()))
+    head, meta = load_policy(tmp_path / "run" / "head")  # a normal policy run: eval and export load it
+    assert head.name == "consistency" and meta["step"] == 27
+    obs = {"state": torch.randn(2, 2, agent.env.observation_spec["state"].shape[0])}
+    torch.testing.assert_close(head.predict_chunk(obs, generator=torch.Generator().manual_seed(0)),
+                               agent.head.student.predict_chunk(obs, generator=torch.Generator().manual_seed(0)))
+    # a resumed agent restores the head
+    fresh = _diffusion_agent(tmp_path / "b", consistency_head=True, head_steps=2)
+    fresh.load(tmp_path / "run" / "checkpoints" / "last")
+    for a, b in zip(agent.head.student.parameters(), fresh.head.student.parameters()):
+        torch.testing.assert_close(a, b)
