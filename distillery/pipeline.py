@@ -124,7 +124,12 @@ def _start_run(cfg: DictConfig, resume: str | Path | None, command: str) -> tupl
         if not (run_dir / "config.yaml").is_file():
             raise FileNotFoundError(f"--resume {run_dir}: no config.yaml there; pass the run directory that "
                                     f"`distillery {command}` created (runs/<...>_{command}_<task>)")
-        return config_mod.validate(OmegaConf.load(run_dir / "config.yaml")), run_dir, resolve_checkpoint(run_dir)
+        stored = OmegaConf.load(run_dir / "config.yaml")
+        defaults = config_mod.compose([f"agent={stored.agent.name}"]) if "agent" in stored else config_mod.compose()
+        for key in defaults:  # a run written before a root section existed gets that section's defaults
+            if key not in stored:
+                stored[key] = defaults[key]
+        return config_mod.validate(stored), run_dir, resolve_checkpoint(run_dir)
     if cfg.run_dir and (Path(cfg.run_dir) / "checkpoints").exists():
         raise ValueError(f"run_dir={cfg.run_dir} already holds checkpoints; continue it with "
                          f"`distillery {command} --resume {cfg.run_dir}` or choose another run_dir")
@@ -380,12 +385,32 @@ def _stage(root: Path, name: str, run: Any) -> dict[str, Any]:
         print(f"pipeline: stage {name} finished earlier ({record['path']}); skipped")
         return record
     resumed = (root / name).exists()
+    before = _logged_seconds(root / name)  # an interrupted earlier run of this stage counts too
     t0 = time.perf_counter()
     path = run()
-    record = {"stage": name, "path": str(path), "wall_s": time.perf_counter() - t0, "resumed": resumed}
+    record = {"stage": name, "path": str(path), "wall_s": before + time.perf_counter() - t0, "resumed": resumed}
     (root / name).mkdir(parents=True, exist_ok=True)
     atomic_write_text(marker, json.dumps(record, indent=1))
     return record
+
+
+def _logged_seconds(run_dir: Path) -> float:
+    """Seconds earlier (interrupted or resumed) runs of this directory logged in ``metrics.jsonl``: each run's
+    ``time`` restarts at 0, so the total is the sum of each segment's last time (time after a run's last log
+    line is not counted)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return 0.0
+    total = last = 0.0
+    for line in path.read_text().splitlines():
+        try:
+            t = float(json.loads(line)["time"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut by a kill, or one without a time
+        if t < last:  # a new run started logging
+            total += last
+        last = t
+    return total + last
 
 
 def _resume_arg(run_dir: Path) -> Path | None:

@@ -226,7 +226,6 @@ def test_ppo_config_errors(tmp_path):
         PPOAgent({}, squashed, env, tmp_path, ListLogger())  # type: ignore[arg-type]
 
 
-@pytest.mark.slow
 def test_short_ppo_run_beats_its_initialisation(tmp_path):
     """lift_cube, 30-step episodes, 32k env steps (~30-40 s on one core): the deterministic policy's mean return on
     16 fixed-seed episodes went from -29.1 to -24.0 / -24.0 / -24.3 for seeds 0 / 1 / 2; require +2.5."""
@@ -291,6 +290,7 @@ def test_diffusion_critic_warmup_keeps_the_actor_and_a_run_checkpoints_an_evalua
     agent.save()
     policy, meta = load_policy(tmp_path / "run")
     assert meta["agent"] == "ppo" and policy.name == "diffusion"
+    assert policy.cfg["sampler"] == "ddim:4"  # evaluated with the (eta 0) chain it was fine-tuned over
     obs = {"state": torch.randn(2, 2, agent.env.observation_spec["state"].shape[0])}
     g = [torch.Generator().manual_seed(0) for _ in range(2)]
     torch.testing.assert_close(policy.predict_chunk(obs, generator=g[0]),
