@@ -1,0 +1,55 @@
+"""RL-100's offline agent: the OPE gate decides which weights are kept, and the sampler/critic plumbing runs on a
+real (tiny) dataset of the expert."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distillery.agents.offline import OfflineRLAgent
+from distillery.cli import main
+from distillery.evaluate import load_policy
+from distillery.runtime import load_checkpoint
+from helpers import ListLogger
+from test_pipeline_rl import TINY_POLICY
+
+
+@pytest.fixture(scope="module")
+def bc_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("offline")
+    data = root / "d.zarr"
+    assert main(["collect", "task=push_cube", "task.max_episode_steps=12", "episodes=6", "collect.num_envs=3",
+                 "expert_noise=0.5", f"dataset={data}"]) == 0
+    assert main(["train", "task=push_cube", "task.max_episode_steps=12", *TINY_POLICY, f"dataset={data}",
+                 "agent.steps=3", "agent.batch_size=8", "agent.warmup_steps=1", "logger.wandb=false",
+                 f"run_dir={root / 'bc'}"]) == 0
+    return root, data
+
+
+def _agent(root, data, name: str, **cfg) -> OfflineRLAgent:
+    policy, _ = load_policy(root / "bc")
+    cfg = {"rounds": 1, "critic_steps": 3, "critic_hidden": [16], "ppo_steps": 4, "batch_size": 8, "lr": 1e-3,
+           "ope": "q", "ope_every": 2, "ope_states": 8, "ddim_steps": 2, "log_every": 1, **cfg}
+    return OfflineRLAgent(cfg, policy, data, root / name, ListLogger(), seed=0)
+
+
+@pytest.mark.parametrize("sampler", ["uniform", "advantage"])
+def test_the_ope_gate_keeps_the_behaviour_policy_unless_a_candidate_passes(bc_run, sampler):
+    root, data = bc_run
+    bc = {k: v.clone() for k, v in load_policy(root / "bc")[0].state_dict().items()}
+    never = _agent(root, data, f"never_{sampler}", ope_margin=1e9, sampler=sampler)
+    never.train()
+    assert never.history[-1]["accepted_at"] == 0
+    for k, v in never.accepted.state_dict().items():
+        torch.testing.assert_close(v, bc[k])  # every candidate rejected: the BC weights are what is saved
+    assert not all(torch.equal(v, bc[k]) for k, v in never.policy.state_dict().items())  # yet PPO did move
+    always = _agent(root, data, f"always_{sampler}", ope_margin=-1e9, sampler=sampler)
+    always.train()
+    assert always.history[-1]["accepted_at"] == 4  # the last OPE check accepted the last candidate
+    for k, v in always.accepted.state_dict().items():
+        torch.testing.assert_close(v, always.policy.state_dict()[k])
+    saved, meta = load_policy(root / f"always_{sampler}")  # the accepted policy is what eval/export load
+    for k, v in saved.state_dict().items():
+        torch.testing.assert_close(v, always.accepted.state_dict()[k])
+    assert saved.cfg["sampler"] == "ddim:2"
+    _, meta = load_checkpoint(root / f"always_{sampler}" / "checkpoints" / "last")
+    assert meta["offline_history"][0]["accepted_at"] == 4
