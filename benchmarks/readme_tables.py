@@ -31,9 +31,15 @@ COLUMNS = {
     "export_latency": [("policy", "policy", "{}"), ("sampler", "sampler", "{}"), ("params", "params", "{:,}"),
                        ("torch ms", "torch_ms_p50", "{:.3f}"), ("onnxruntime ms", "onnxruntime_ms_p50", "{:.3f}"),
                        ("speedup", "speedup", "{:.2f}"), ("max abs diff", "max_abs_diff", "{:.1e}")],
+    "rl_pipeline": [("task", "task", "{}"), ("stage", "stage", "{}"), ("success", "success_rate", "{:.3f}"),
+                    ("95% CI", "success_ci95", "[{0[0]:.2f}, {0[1]:.2f}]"), ("episodes", "episodes", "{}"),
+                    ("sampler", "sampler", "{}"), ("stage wall s", "wall_s", "{:.0f}")],
+    "rl_pipeline_summary": [("task", "task", "{}"), ("offline - bc", "offline_minus_bc", "{:+.3f}"),
+                            ("online", "online", "{:.3f}"), ("one step", "one_step", "{:.3f}"),
+                            ("pipeline h", "pipeline_wall_h", "{:.2f}"), ("targets met", "met", "{}")],
 }
 # tables built from another key of a benchmark's JSON: name -> (file stem, key)
-SOURCES = {"policy_latency_ratios": ("policy_latency", "ratios")}
+SOURCES = {"policy_latency_ratios": ("policy_latency", "ratios"), "rl_pipeline_summary": ("rl_pipeline", "summary")}
 
 
 def table(name: str) -> str:

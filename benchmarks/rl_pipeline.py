@@ -47,7 +47,10 @@ def main() -> None:
     for s in summary:
         print(json.dumps(s))
     if args.json:
-        atomic_write_text(args.json, json.dumps({"benchmark": "rl_pipeline", "targets": TARGETS, "rows": rows,
+        argv = [a for t in (args.task or []) for a in ("--task", t)] + ["--root", str(args.root), "--json",
+                                                                          str(args.json), *args.overrides]
+        atomic_write_text(args.json, json.dumps({"benchmark": "rl_pipeline", "argv": argv, "targets": TARGETS,
+                                                 "rows": rows,
                                                  "summary": summary}, indent=1))
 
 
