@@ -469,6 +469,8 @@ def rl_pipeline(overrides: list[str]) -> Path:
         else:
             policy, _ = load_policy(records[stage]["path"])
             sampler = "consistency:1" if stage == "one_step" else None
+            if stage == "bc":  # compare BC with the RL stages on the chain they sample (ddim:K of the RL agents)
+                sampler = str(load_policy(records["offline"]["path"])[0].cfg["sampler"])
             summary, _ = evaluate_policy(policy, env, episodes, seed, sampler)
             sampler = sampler or str(policy.cfg.get("sampler"))
             wall = float(records[stage]["wall_s"])
