@@ -208,12 +208,8 @@ class OfflineRLAgent:
     def executed(self, chain_end: Tensor) -> Tensor:
         """The executed chunk of normalised sequences ``(B, Tp, Da)`` in env units, flattened ``(B, Ta*Da)``."""
         p = self.policy
-        seq = p.normalizer.unnormalize("action", chain_end)
-        low, high = p.action_spec.low, p.action_spec.high
-        if low is not None or high is not None:
-            seq = seq.clamp(min=low, max=high)
         start = p.obs_horizon - 1
-        return seq[:, start:start + p.action_horizon].flatten(1)
+        return p.to_env_action(chain_end[:, start:start + p.action_horizon]).flatten(1)
 
     def policy_fn(self, policy: DiffusionPolicy) -> Callable[[Tensor], Tensor]:
         """Critic obs ``(B, D)`` -> the policy's deterministic (``ddim:ddim_steps``) executed chunk ``(B, Ta*Da)``."""

@@ -180,11 +180,7 @@ class ChainActor:
         """-> (chain (N, K+1, Tp, Da), log-probs (N, K), env actions (N, Ta, Da) clipped to the action bounds)."""
         chain, log_prob = self.policy.sample_chain(nobs, self.mdp, generator)
         start = self.obs_horizon - 1
-        executed = self.policy.normalizer.unnormalize("action", chain[:, -1, start:start + self.action_horizon])
-        spec = self.policy.action_spec
-        if spec.low is not None or spec.high is not None:
-            executed = executed.clamp(min=spec.low, max=spec.high)
-        return chain, log_prob, executed
+        return chain, log_prob, self.policy.to_env_action(chain[:, -1, start:start + self.action_horizon])
 
     def log_prob(self, nobs: Mapping[str, Tensor], chain: Tensor) -> Tensor:
         return self.policy.chain_log_prob(nobs, chain, self.mdp)
@@ -512,10 +508,8 @@ class PPOAgent:
         return float(np.mean(losses)) if losses else 0.0
 
     # ------------------------------------------------------------------------------------------ training
-    def train(self, callback: Any = None) -> dict[str, float]:
-        """Alternate rollouts and updates until ``cfg.env_steps``; returns the last logged metrics.
-
-        ``callback(agent)``, if given, runs after every update (e.g. the consistency head's distillation)."""
+    def train(self) -> dict[str, float]:
+        """Alternate rollouts and updates until ``cfg.env_steps``; returns the last logged metrics."""
         c = self.cfg
         total = int(c["env_steps"])
         ckpt_every = int(c["checkpoint_every"])
@@ -529,8 +523,6 @@ class PPOAgent:
             m = self.update(buf)
             if self.head is not None:
                 m["head_loss"] = self._update_head(buf)
-            if callback is not None:
-                m.update(callback(self) or {})
             returns += buf["episode_returns"]
             successes += buf["episode_successes"]
             if self.updates % int(c["log_every"]) == 0 or self.env_steps >= total:

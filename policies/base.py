@@ -199,7 +199,11 @@ class Policy(nn.Module):
         seq = self.sample_normalized(nobs, sampler, generator, noise=noise, carry=carry)
         if carry is not None:
             carry["valid"] = torch.ones_like(carry["valid"])
-        action = self.normalizer.unnormalize("action", seq)
+        return self.to_env_action(seq)
+
+    def to_env_action(self, normalized: Tensor) -> Tensor:
+        """Normalised actions ``(..., Da)`` -> env units, clamped to the action spec's bounds where it has them."""
+        action = self.normalizer.unnormalize("action", normalized)
         low, high = self.action_spec.low, self.action_spec.high
         return action.clamp(min=low, max=high) if low is not None or high is not None else action
 
