@@ -119,12 +119,14 @@ class LoggerSchema:
 class PipelineSchema:
     root: Optional[str] = MISSING
     expert_noise: dict[str, float] = MISSING
+    dart_noise: dict[str, float] = MISSING
     episodes: int = MISSING
     eval_episodes: int = MISSING
     bc: list[str] = MISSING
     offline: list[str] = MISSING
     online: list[str] = MISSING
     distill: list[str] = MISSING
+    distill_rollouts: int = MISSING
 
 
 @dataclass
@@ -248,7 +250,9 @@ def _check_choices(cfg: DictConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
-    nonneg = ["expert_noise", "collect.action_noise", "eval.video_episodes"]
+    nonneg = ["expert_noise", "collect.action_noise", "eval.video_episodes", "pipeline.distill_rollouts",
+              *(f"pipeline.{group}.{task}" for group in ("expert_noise", "dart_noise")
+                for task in cfg.pipeline[group])]
     if bc_like:
         nonneg += ["agent.lr", "agent.weight_decay", "agent.warmup_steps", "agent.eval_every"]
     for key in nonneg:

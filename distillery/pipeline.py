@@ -230,15 +230,17 @@ def train_rl(cfg: DictConfig, resume: str | Path | None = None) -> Path:
     return _run_agent(agent, ckpt, logger, run_dir)
 
 
-def _append_rollouts(cfg: DictConfig, policy: Any, path: Path, episodes: int, seed: int) -> None:
-    """Roll out ``policy`` (its default sampler) and append the episodes to the dataset at ``path``."""
+def _append_rollouts(cfg: DictConfig, policy: Any, path: Path, episodes: int, seed: int,
+                     meta: dict[str, Any] | None = None) -> None:
+    """Roll out ``policy`` (its default sampler) and append the episodes to the dataset at ``path``, which is
+    created with ``meta`` if it does not exist."""
     from distillery.data import EpisodeDataset, EpisodeWriter
     from distillery.evaluate import PolicyActor
     from distillery.rollout import run_waves
 
-    old = EpisodeDataset(path)
+    meta = EpisodeDataset(path).meta if meta is None else meta
     env = env_from_config(cfg.task, min(int(cfg.collect.num_envs), episodes), seed)
-    with EpisodeWriter(path, old.meta, env.observation_spec, env.action_spec) as writer:
+    with EpisodeWriter(path, meta, env.observation_spec, env.action_spec) as writer:
         for wave in run_waves(env, PolicyActor(policy, None, seed), episodes, seed, record=True):
             for ep in wave:
                 writer.append(ep.obs, ep.action, ep.reward, ep.terminated, ep.truncated)
@@ -374,6 +376,22 @@ def demo(overrides: list[str]) -> Path:
 RL_STAGES = ("expert", "bc", "offline", "online", "one_step")
 
 
+def _teacher_rollouts(cfg: DictConfig, teacher: Path, path: Path, episodes: int) -> Path:
+    """A dataset of ``episodes`` rollouts of the policy run ``teacher`` (its default sampler) at ``path``."""
+    import shutil
+
+    from distillery.evaluate import load_policy
+
+    policy, tmeta = load_policy(teacher)
+    if path.exists():  # a killed run's partial rollouts: the seeded rollouts are replayed from the start
+        shutil.rmtree(path)
+    seed = int(cfg.seed) + 2000  # reset seeds apart from collection (seed) and evaluation (seed + 12345)
+    _append_rollouts(cfg, policy, path, episodes, seed,
+                     {"task": cfg.task.name, "seed": seed, "source": tmeta["checkpoint_path"],
+                      "sampler": str(policy.cfg.get("sampler"))})
+    return path
+
+
 def _stage(root: Path, name: str, run: Any) -> dict[str, Any]:
     """Run ``run() -> path`` unless ``root/<name>/stage.json`` says it finished; returns that record
     (``path``, ``wall_s`` of the run that finished it, ``resumed``)."""
@@ -438,19 +456,27 @@ def rl_pipeline(overrides: list[str]) -> Path:
     root = Path(p.root) if p.root else RUNS_DIR / f"pipeline_{task}"
     data = root / "data.zarr"
     noise = float(p.expert_noise[task])
+    dart = float(p.dart_noise.get(task, 0.0))
 
     def stage_cfg(stage_overrides: Any, name: str, *extra: str) -> DictConfig:
         return config_mod.compose([*stage_overrides, *overrides, f"dataset={data}", f"run_dir={root / name}", *extra])
 
     records = {"collect": _stage(root, "collect", lambda: collect(stage_cfg(
-        [], "collect", f"expert_noise={noise}", f"episodes={int(p.episodes)}")))}
+        [], "collect", f"expert_noise={noise}", f"collect.action_noise={dart}", f"episodes={int(p.episodes)}")))}
     records["bc"] = _stage(root, "bc", lambda: train(stage_cfg(p.bc, "bc"), resume=_resume_arg(root / "bc")))
     records["offline"] = _stage(root, "offline", lambda: train(
         stage_cfg(p.offline, "offline", f"init={root / 'bc'}"), resume=_resume_arg(root / "offline")))
     records["online"] = _stage(root, "online", lambda: train(
         stage_cfg(p.online, "online", f"init={root / 'offline'}"), resume=_resume_arg(root / "online")))
+    # The student copies the teacher where the teacher goes: on the online policy's own rollouts, not on the
+    # noisy demonstrations, whose states and actions the fine-tuned policy has left behind.
+    distill_data = data
+    if int(p.distill_rollouts) > 0:
+        distill_data = Path(_stage(root, "rollouts", lambda: _teacher_rollouts(
+            base, root / "online", root / "rollouts" / "data.zarr", int(p.distill_rollouts)))["path"])
     records["one_step"] = _stage(root, "distill", lambda: distill(
-        stage_cfg(p.distill, "distill", f"teacher={root / 'online'}"), resume=_resume_arg(root / "distill")))
+        stage_cfg(p.distill, "distill", f"teacher={root / 'online'}", f"dataset={distill_data}"),
+        resume=_resume_arg(root / "distill")))
 
     # ---- evaluation of every stage on the same seeded episodes (cached per stage)
     episodes, seed = int(p.eval_episodes), int(base.seed) + 12345  # seeds apart from training and collection
@@ -464,7 +490,9 @@ def rl_pipeline(overrides: list[str]) -> Path:
         t0 = time.perf_counter()
         if stage == "expert":
             expert = make_expert(task, env.num_envs, noise=noise, seed=seed)
-            summary = summarize([ep for wave in run_waves(env, expert, episodes, seed) for ep in wave])
+            # the demonstrator as it played: label noise plus the executed-only (DART) noise
+            summary = summarize([ep for wave in run_waves(env, expert, episodes, seed, action_noise=dart)
+                                 for ep in wave])
             sampler, wall = "expert", float(records["collect"]["wall_s"])
         else:
             policy, _ = load_policy(records[stage]["path"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -15,7 +16,7 @@ TINY_POLICY = ["policy=diffusion", "policy.down_dims=[8,16]", "policy.step_embed
                "policy.encoder.out_dim=8"]
 TINY = [
     "task=push_cube", "task.max_episode_steps=12", "logger.wandb=false", "pipeline.root=pipe", "pipeline.episodes=4",
-    "pipeline.eval_episodes=4", "eval.num_envs=4", "eval.deploy_episodes=1", "collect.num_envs=4",
+    "pipeline.eval_episodes=4", "pipeline.distill_rollouts=2", "pipeline.dart_noise.push_cube=0.3", "eval.num_envs=4", "eval.deploy_episodes=1", "collect.num_envs=4",
     "pipeline.bc=[" + ",".join(f'"{o}"' for o in [*TINY_POLICY, "agent.steps=3", "agent.batch_size=8",
                                                    "agent.warmup_steps=1", "agent.log_every=1"]) + "]",
     'pipeline.offline=["agent=offline","agent.rounds=1","agent.critic_steps=3","agent.critic_hidden=[16]",'
@@ -42,12 +43,22 @@ def test_pipeline_runs_every_stage_reports_and_skips_finished_stages(tmp_path, m
     # each RL stage started from the previous one
     online = json.loads((tmp_path / "pipe" / "online" / "checkpoints" / "last" / "meta.json").read_text())
     assert online["agent"] == "ppo" and online["init"]["checkpoint"].startswith(str(tmp_path / "pipe" / "offline"))
+    # the demonstrations were played with the executed-only (DART) noise; the student was distilled on
+    # rollouts of the online policy (its own sampler), not on the demonstrations
+    from distillery.data import EpisodeDataset
+    assert EpisodeDataset(tmp_path / "pipe" / "data.zarr").meta["action_noise"] == 0.3
+    distilled = json.loads((tmp_path / "pipe" / "distill" / "checkpoints" / "last" / "meta.json").read_text())
+    rollouts = EpisodeDataset(distilled["dataset"])
+    assert Path(distilled["dataset"]).resolve() == tmp_path / "pipe" / "rollouts" / "data.zarr"
+    assert rollouts.num_episodes == 2
+    assert Path(rollouts.meta["source"]).resolve().is_relative_to(tmp_path / "pipe" / "online")
+    assert rollouts.meta["sampler"] == "ddim:2"
     capsys.readouterr()
 
     # a rerun skips every finished stage and reports the same rows
     assert main(["pipeline", *TINY]) == 0
     out = capsys.readouterr().out
-    assert out.count("finished earlier") == 5
+    assert out.count("finished earlier") == 6
     again = json.loads((tmp_path / "pipe" / "report.json").read_text())
     assert [r["success_rate"] for r in again["rows"]] == [r["success_rate"] for r in report["rows"]]
 
