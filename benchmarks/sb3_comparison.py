@@ -1,11 +1,15 @@
-"""Our PPO and SAC beside Stable-Baselines3's on the same task, env-step budget and number of batched envs.
+"""Our PPO and SAC beside Stable-Baselines3's on the same task, env-step budget and number of envs.
 
-SB3 trains through :class:`distillery.envs.sb3_vec_env.SB3VecEnv` over the same ``BatchedEnv``, so both sides pay
-the same simulation cost; every agent is then evaluated with its deterministic policy on the same fixed-seed
-episodes (``distillery.rollout.run_waves``: same initial states for every agent).
+Ours step one ``BatchedEnv`` of ``--num-envs`` envs. SB3 runs as an SB3 user runs it (``--sb3-vec dummy``, the
+default): its own ``DummyVecEnv`` over ``--num-envs`` single gymnasium envs of the task
+(:class:`distillery.envs.gym_view.GymTaskEnv`), so the speed ratio is what batched simulation and our learner buy
+over that. ``--sb3-vec batched`` trains SB3 through :class:`distillery.envs.sb3_vec_env.SB3VecEnv` over the same
+``BatchedEnv`` instead (both sides then pay the same simulation cost and the ratio compares the learners);
+``both`` runs each. Every agent is then evaluated with its deterministic policy on the same fixed-seed episodes
+(``distillery.rollout.run_waves``: same initial states for every agent).
 
     python benchmarks/sb3_comparison.py --task lift_cube --env-steps 100000 --num-envs 16 --eval-episodes 32 \\
-        --json benchmarks/results/sb3_comparison.json
+        --sb3-vec both --json benchmarks/results/sb3_comparison.json
 
 Matched settings (both sides): PPO -- 64 steps per env per rollout, minibatch 256, 10 epochs, lr 3e-4, gamma 0.99,
 GAE 0.95, clip 0.2, grad-norm 0.5, tanh MLP 64x64 actor and critic, initial log-std -0.5, running observation and
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from tempfile import TemporaryDirectory
@@ -92,13 +97,16 @@ def _train_ours(agent_name: str, task: str, env_steps: int, num_envs: int, seed:
     return PolicyActor(policy, "mean", seed)
 
 
-def _train_sb3(agent_name: str, task: str, env_steps: int, num_envs: int, seed: int) -> Any:
+def _train_sb3(agent_name: str, task: str, env_steps: int, num_envs: int, seed: int, sb3_vec: str) -> Any:
     from stable_baselines3 import PPO, SAC
-    from stable_baselines3.common.vec_env import VecNormalize
+    from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
-    from distillery.envs.sb3_vec_env import SB3VecEnv
-
-    vec = SB3VecEnv(make_env(task, num_envs, seed=seed))
+    if sb3_vec == "dummy":
+        from distillery.envs.gym_view import GymTaskEnv
+        vec = DummyVecEnv([lambda i=i: GymTaskEnv(task, seed=seed + i) for i in range(num_envs)])
+    else:
+        from distillery.envs.sb3_vec_env import SB3VecEnv
+        vec = SB3VecEnv(make_env(task, num_envs, seed=seed))
     vec.seed(seed)
     if agent_name == "sb3-ppo":
         s = PPO_SHARED
@@ -119,47 +127,59 @@ def _train_sb3(agent_name: str, task: str, env_steps: int, num_envs: int, seed: 
     return _SB3Actor(model, venv)
 
 
-def run_one(agent_name: str, task: str, env_steps: int, num_envs: int, eval_episodes: int, seed: int) -> dict:
-    """Train ``agent_name`` for ``env_steps`` transitions, then evaluate its deterministic policy."""
+def run_one(agent_name: str, task: str, env_steps: int, num_envs: int, eval_episodes: int, seed: int,
+            sb3_vec: str = "dummy") -> dict:
+    """Train ``agent_name`` for ``env_steps`` transitions, then evaluate its deterministic policy. ``sb3_vec``:
+    the vec env SB3 trains through, ``dummy`` (its DummyVecEnv of single envs) or ``batched`` (our adapter)."""
     t0 = time.perf_counter()
     with TemporaryDirectory() as tmp:
         if agent_name.startswith("distillery"):
             actor = _train_ours(agent_name, task, env_steps, num_envs, seed, Path(tmp))
         else:
-            actor = _train_sb3(agent_name, task, env_steps, num_envs, seed)
+            actor = _train_sb3(agent_name, task, env_steps, num_envs, seed, sb3_vec)
     train_s = time.perf_counter() - t0
     eval_env = make_env(task, min(num_envs, eval_episodes), seed=seed + 1)
     episodes = [ep for wave in run_waves(eval_env, actor, eval_episodes, seed=1000 + seed) for ep in wave]
     summary = summarize(episodes)
     return {"task": task, "agent": agent_name, "env_steps": env_steps, "num_envs": num_envs,
+            "vec_env": "batched" if agent_name.startswith("distillery") else sb3_vec,
             "eval_episodes": summary["episodes"], "success_rate": summary["success_rate"],
             "success_ci95": summary["success_ci95"], "mean_return": summary["mean_return"],
             "env_steps_per_s": env_steps / train_s, "train_s": train_s}
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """On each ``distillery-X`` row: success and speed over ``sb3-X`` (success ratio None when SB3's is 0)."""
-    by_agent = {r["agent"]: r for r in rows}
+    """On each ``distillery-X`` row: success and speed over ``sb3-X`` as SB3 runs by default (its DummyVecEnv;
+    our batched adapter if that is the only SB3 row), and speed over ``sb3-X`` on the adapter as
+    ``speed_ratio_vs_sb3_batched`` when that row exists. The success ratio is None when SB3's success is 0."""
+    by_agent = {(r["agent"], r["vec_env"]): r for r in rows}
     for r in rows:
-        algo = r["agent"].split("-", 1)[1]
-        ref = by_agent.get(f"sb3-{algo}")
-        if not r["agent"].startswith("distillery") or ref is None:
+        if not r["agent"].startswith("distillery"):
             continue
+        algo = r["agent"].split("-", 1)[1]
+        batched = by_agent.get((f"sb3-{algo}", "batched"))
+        ref = by_agent.get((f"sb3-{algo}", "dummy"), batched)
+        if ref is None:
+            continue
+        r["sb3_reference_vec_env"] = ref["vec_env"]
         r["success_ratio_vs_sb3"] = r["success_rate"] / ref["success_rate"] if ref["success_rate"] > 0 else None
         r["speed_ratio_vs_sb3"] = r["env_steps_per_s"] / ref["env_steps_per_s"]
         r["return_diff_vs_sb3"] = r["mean_return"] - ref["mean_return"]
+        if batched is not None and batched is not ref:
+            r["speed_ratio_vs_sb3_batched"] = r["env_steps_per_s"] / batched["env_steps_per_s"]
 
 
 def format_rows(rows: list[dict]) -> str:
-    head = (f"{'task':<10} {'agent':<15} {'env steps':>9} {'success':>8} {'95% CI':>13} {'return':>8} "
-            f"{'steps/s':>8} {'succ/sb3':>8} {'speed/sb3':>9}")
+    head = (f"{'task':<10} {'agent':<15} {'vec env':<8} {'env steps':>9} {'success':>8} {'95% CI':>13} "
+            f"{'return':>8} {'steps/s':>8} {'succ/sb3':>8} {'speed/sb3':>9} {'speed/sb3 batched':>17}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lo, hi = r["success_ci95"]
-        sr, sp = r.get("success_ratio_vs_sb3"), r.get("speed_ratio_vs_sb3")
-        lines.append(f"{r['task']:<10} {r['agent']:<15} {r['env_steps']:>9} {r['success_rate']:>8.3f} "
-                     f"{f'[{lo:.2f}, {hi:.2f}]':>13} {r['mean_return']:>8.2f} {r['env_steps_per_s']:>8.0f} "
-                     f"{'-' if sr is None else f'{sr:.2f}':>8} {'-' if sp is None else f'{sp:.2f}':>9}")
+        sr, sp, sb = (r.get(k) for k in ("success_ratio_vs_sb3", "speed_ratio_vs_sb3", "speed_ratio_vs_sb3_batched"))
+        lines.append(f"{r['task']:<10} {r['agent']:<15} {r['vec_env']:<8} {r['env_steps']:>9} "
+                     f"{r['success_rate']:>8.3f} {f'[{lo:.2f}, {hi:.2f}]':>13} {r['mean_return']:>8.2f} "
+                     f"{r['env_steps_per_s']:>8.0f} {'-' if sr is None else f'{sr:.2f}':>8} "
+                     f"{'-' if sp is None else f'{sp:.2f}':>9} {'-' if sb is None else f'{sb:.2f}':>17}")
     return "\n".join(lines)
 
 
@@ -171,6 +191,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--eval-episodes", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--agents", default=",".join(AGENTS), help=f"comma-separated subset of {AGENTS}")
+    parser.add_argument("--sb3-vec", choices=["dummy", "batched", "both"], default="dummy",
+                        help="SB3's vec env: its DummyVecEnv of single envs, our batched adapter, or both")
     parser.add_argument("--json", type=Path, default=None, help="write the rows here as JSON")
     args = parser.parse_args(argv)
     agents = [a.strip() for a in args.agents.split(",") if a.strip()]
@@ -190,16 +212,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
             agents = [a for a in agents if not a.endswith("sac")]
     torch.set_num_threads(1)
 
+    sb3_vecs = ["dummy", "batched"] if args.sb3_vec == "both" else [args.sb3_vec]
+    runs = [(name, vec) for name in agents for vec in (sb3_vecs if name.startswith("sb3") else ["batched"])]
     rows = []
-    for name in agents:
-        rows.append(run_one(name, args.task, args.env_steps, args.num_envs, args.eval_episodes, args.seed))
-        print(f"done {name}: success {rows[-1]['success_rate']:.3f}, return {rows[-1]['mean_return']:.2f}, "
+    for name, vec in runs:
+        rows.append(run_one(name, args.task, args.env_steps, args.num_envs, args.eval_episodes, args.seed, vec))
+        print(f"done {name} ({vec}): success {rows[-1]['success_rate']:.3f}, return {rows[-1]['mean_return']:.2f}, "
               f"{rows[-1]['env_steps_per_s']:.0f} steps/s", flush=True)
     add_ratios(rows)
     print(format_rows(rows))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.json, json.dumps({"benchmark": "sb3_comparison", "seed": args.seed, "rows": rows},
+        atomic_write_text(args.json, json.dumps({"benchmark": "sb3_comparison", "seed": args.seed,
+                                                "argv": argv if argv is not None else sys.argv[1:], "rows": rows},
                                                 indent=2))
     return rows
 

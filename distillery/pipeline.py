@@ -115,6 +115,16 @@ def _run_agent(agent: Any, ckpt: Path | None, logger: Any, run_dir: Path) -> Pat
     return run_dir
 
 
+def _fill_missing(stored: DictConfig, defaults: DictConfig) -> None:
+    """Give a run written before a config key or section existed that key's default, at any depth (not inside
+    ``policy``, whose stored keys describe the saved network and are completed by the policy class)."""
+    for key in defaults:
+        if key not in stored:
+            stored[key] = defaults[key]
+        elif key != "policy" and isinstance(stored[key], DictConfig) and isinstance(defaults[key], DictConfig):
+            _fill_missing(stored[key], defaults[key])
+
+
 def _start_run(cfg: DictConfig, resume: str | Path | None, command: str) -> tuple[DictConfig, Path, Path | None]:
     """``(cfg, run_dir, checkpoint to resume or None)``: a resumed run takes its config from its run dir."""
     from distillery.runtime import resolve_checkpoint
@@ -126,9 +136,7 @@ def _start_run(cfg: DictConfig, resume: str | Path | None, command: str) -> tupl
                                     f"`distillery {command}` created (runs/<...>_{command}_<task>)")
         stored = OmegaConf.load(run_dir / "config.yaml")
         defaults = config_mod.compose([f"agent={stored.agent.name}"]) if "agent" in stored else config_mod.compose()
-        for key in defaults:  # a run written before a root section existed gets that section's defaults
-            if key not in stored:
-                stored[key] = defaults[key]
+        _fill_missing(stored, defaults)
         return config_mod.validate(stored), run_dir, resolve_checkpoint(run_dir)
     if cfg.run_dir and (Path(cfg.run_dir) / "checkpoints").exists():
         raise ValueError(f"run_dir={cfg.run_dir} already holds checkpoints; continue it with "

@@ -68,6 +68,11 @@ def test_collect_train_eval_end_to_end(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert main(["train", "experiment=push_cube_diffusion", f"dataset={data}", "run_dir=tr"]) == 2
     assert "--resume tr" in capsys.readouterr().err  # never silently restarts over a run
+    # a run written before a config key (pipeline.distill_rollouts) or a section (export) existed resumes with
+    # their defaults
+    stored = OmegaConf.load(tmp_path / "tr" / "config.yaml")
+    del stored.pipeline["distill_rollouts"], stored["export"]
+    OmegaConf.save(stored, tmp_path / "tr" / "config.yaml")
     assert main(["train", "--resume", "tr"]) == 0
     assert "at step 4" in capsys.readouterr().out  # a finished run resumes at its last step: nothing left to do
     assert main(["train", "--resume", "nowhere"]) == 2
