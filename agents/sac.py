@@ -13,13 +13,15 @@ One gradient update on a replay batch ``(s, a, r, s', d)`` of ``B`` transitions:
 ``d`` is ``terminated`` (success) only: a time-limit ending is not a terminal state, so it bootstraps.
 
 Batched collection: every ``env.step`` of the ``N`` envs adds ``N`` transitions. Step counts in the config
-(``env_steps``, ``learning_starts``, ``warm_start.warmup_steps``) count these batched steps, and ``utd_ratio`` is
-the number of gradient updates per batched step (fractions accumulate; per-transition UTD = utd_ratio / N).
+(``env_steps``, ``learning_starts``, ``warm_start.warmup_steps``, ``log_every``, ``eval_every``,
+``checkpoint_every``) count transitions, as PPO's and SB3's do; the run takes whole batched steps, so it stops at
+the first multiple of ``N`` at or past ``env_steps``. ``utd_ratio`` is the number of gradient updates per batched
+step (fractions accumulate; per-transition UTD = utd_ratio / N), as SB3's ``gradient_steps`` per ``env.step``.
 High UTD is meant to go with LayerNorm critics (RLPD, WSRL).
 
 WSRL (Zhou et al. 2025, "Efficient online RL fine-tuning need not retain offline data"), ``warm_start``:
 initialise the actor (and the critic, if the checkpoint has one) from an offline checkpoint, keep none of the
-offline data, fill the empty buffer with ``warmup_steps`` batched steps of the *frozen* initial policy (no gradient
+offline data, fill the empty buffer with ``warmup_steps`` transitions of the *frozen* initial policy (no gradient
 update), then run SAC. Without a warm start, the first ``learning_starts`` steps act uniformly at random.
 
 Observations are normalised by the policy's normaliser (mean/std). They are fitted once, from the random-phase
@@ -139,7 +141,7 @@ class SACAgent:
         cfg: overrides of :attr:`DEFAULTS` (see ``configs/agent/sac.yaml``).
         policy: the actor; a warm start overwrites its weights (and normaliser) from the checkpoint.
         env: ``N`` batched envs; the agent owns their episodes (it resets them).
-        run_dir: checkpoints go to ``run_dir/checkpoints/step_*/`` (step = batched env steps), ``last`` -> newest.
+        run_dir: checkpoints go to ``run_dir/checkpoints/step_*/`` (step = env transitions), ``last`` -> newest.
         logger: anything with ``log(metrics, step)`` and ``progress(total, desc)``.
         seed: seeds the agent's generator (buffer sampling, policy noise, random actions) and the env resets.
         evaluate: optional ``f(policy) -> metrics`` every ``cfg.eval_every`` env steps (deterministic actions are
@@ -148,7 +150,7 @@ class SACAgent:
     """
 
     DEFAULTS: ClassVar[dict[str, Any]] = {
-        "env_steps": 20_000,        # batched env steps in all (each collects N transitions)
+        "env_steps": 320_000,       # env transitions in all (a batched step of N envs collects N)
         "buffer_size": 1_000_000,   # transitions
         "batch_size": 256,
         "gamma": 0.99,
@@ -165,11 +167,11 @@ class SACAgent:
         "init_temperature": 0.1,
         "target_entropy": None,     # None: -Da
         "backup_entropy": True,     # WSRL fine-tunes without the entropy term in the critic target
-        "learning_starts": 250,     # cold start: batched steps of uniform random actions before any update
-        "warm_start": {"checkpoint": None, "warmup_steps": 250},
-        "log_every": 100,           # batched env steps
+        "learning_starts": 4_000,   # cold start: transitions of uniform random actions before any update
+        "warm_start": {"checkpoint": None, "warmup_steps": 4_000},
+        "log_every": 1_600,         # transitions, like eval_every and checkpoint_every
         "eval_every": 0,
-        "checkpoint_every": 5_000,
+        "checkpoint_every": 80_000,
         "save_buffer": True,        # False: a resume refills the buffer with the current policy, no updates
     }
 
@@ -202,10 +204,10 @@ class SACAgent:
         self.buffer = ReplayBuffer(int(c["buffer_size"]), {k: tuple(env.observation_spec[k].shape)
                                                            for k in self.obs_keys}, da)
         self.generator = torch.Generator().manual_seed(self.seed)
-        self.env_step = 0    # batched env steps taken
+        self.env_step = 0    # env transitions collected (N per batched step)
         self.updates = 0     # gradient updates done
         self._owed = 0.0     # fractional updates carried over (utd_ratio < 1 or non-integer)
-        # batched steps before updates start: the WSRL warm-up (frozen policy) or the random phase (cold start)
+        # transitions before updates start: the WSRL warm-up (frozen policy) or the random phase (cold start)
         self.collect_until = int(c["warm_start"]["warmup_steps"] if self.warm_started else c["learning_starts"])
         self.random_until = 0 if self.warm_started else int(c["learning_starts"])
         self._obs: dict[str, Tensor] | None = None  # current env observation (None: reset before acting)
@@ -337,7 +339,7 @@ class SACAgent:
 
     # ------------------------------------------------------------------------------------------ training loop
     def train(self) -> dict[str, float]:
-        """Collect and update until ``cfg.env_steps`` batched steps; returns the last logged metrics."""
+        """Collect and update until ``cfg.env_steps`` transitions; returns the last logged metrics."""
         c = self.cfg
         total, utd = int(c["env_steps"]), float(c["utd_ratio"])
         if self._obs is None:
@@ -366,10 +368,10 @@ class SACAgent:
                 successes += terminated[done].float().tolist()
                 self._ep_return[done] = 0.0
             self._obs = obs_next
-            self.env_step += 1
+            self.env_step += self.num_envs
             t1 = time.perf_counter()
             self._timers["env_s"] += t1 - t0
-            if self.env_step > self.collect_until:  # the first collect_until steps only fill the buffer
+            if self.env_step > self.collect_until:  # the first collect_until transitions only fill the buffer
                 self._owed += utd
                 for _ in range(int(self._owed)):
                     for k, v in self.update().items():
@@ -377,8 +379,8 @@ class SACAgent:
                     n_upd += 1
                 self._owed -= int(self._owed)
                 self._timers["update_s"] += time.perf_counter() - t1
-            bar.update(1)
-            if self.env_step % int(c["log_every"]) == 0 or self.env_step == total:
+            bar.update(self.num_envs)
+            if self._crossed(c["log_every"]) or self.env_step >= total:
                 metrics = {f"train/{k}": v / n_upd for k, v in sums.items()}
                 metrics.update(self.speed())
                 if returns:
@@ -387,21 +389,26 @@ class SACAgent:
                 metrics["train/updates"] = float(self.updates)
                 self.logger.log(metrics, self.env_step)
                 sums, n_upd, returns, successes = {}, 0, [], []
-            if self.evaluate is not None and c["eval_every"] and self.env_step % int(c["eval_every"]) == 0:
+            if self.evaluate is not None and self._crossed(c["eval_every"]):
                 self.policy.eval()
                 self.logger.log({f"eval/{k}": v for k, v in self.evaluate(self.policy).items()}, self.env_step)
                 self.policy.train()
-            if self.env_step % int(c["checkpoint_every"]) == 0 or self.env_step == total:
+            if self._crossed(c["checkpoint_every"]) or self.env_step >= total:
                 self.save()
         bar.close()
         return metrics
+
+    def _crossed(self, every: Any) -> bool:
+        """Whether the last batched step passed a multiple of ``every`` transitions (never for 0)."""
+        every = int(every or 0)
+        return every > 0 and self.env_step // every > (self.env_step - self.num_envs) // every
 
     def speed(self) -> dict[str, float]:
         """Throughput so far in this process: env transitions/s while collecting, gradient updates/s while updating."""
         env_s, upd_s = self._timers["env_s"], self._timers["update_s"]
         out = {}
         if env_s > 0:
-            out["speed/env_steps_per_s"] = self.env_step * self.num_envs / env_s
+            out["speed/env_steps_per_s"] = self.env_step / env_s
         if upd_s > 0:
             out["speed/updates_per_s"] = self.updates / upd_s
         return out
@@ -431,14 +438,16 @@ class SACAgent:
         tensors.update({f"critic.{k}": v for k, v in self.critic.state_dict().items()})
         flat, skeleton = flatten_state(self._train_state(), prefix="train.")
         tensors.update(flat)
-        meta = {**self.meta, "kind": CHECKPOINT_KIND, "agent": "sac", "step": self.env_step, "updates": self.updates,
+        meta = {**self.meta, "kind": CHECKPOINT_KIND, "agent": "sac", "step": self.env_step, "step_unit": "transitions",
+                "updates": self.updates,
                 "policy": self.policy.describe(), "sac_cfg": self.cfg, "train_state": skeleton}
         return save_run_checkpoint(self.run_dir, self.env_step, tensors, meta)
 
     def load(self, path: str | Path) -> None:
         """Restore what :meth:`save` wrote; the next updates match an uninterrupted run bit for bit. The envs'
         episodes restart (a reset seeded by seed and step). Without a saved buffer the run first refills it
-        for ``warmup_steps`` (warm start) or ``learning_starts`` batched steps of the current policy."""
+        for ``warmup_steps`` (warm start) or ``learning_starts`` transitions of the current policy. A checkpoint
+        written when these counters were batched env steps (no ``step_unit`` in its meta) is converted."""
         tensors, meta = load_checkpoint(resolve_checkpoint(path))
         if meta.get("agent") != "sac" or "train_state" not in meta:
             raise ValueError(f"checkpoint {path} was not written by SACAgent.save (agent={meta.get('agent')!r}); "
@@ -457,6 +466,9 @@ class SACAgent:
         cnt = state["counters"]
         self.env_step, self.updates, self._owed = int(cnt["env_step"]), int(cnt["updates"]), float(cnt["owed"])
         self.collect_until, self.random_until = int(cnt["collect_until"]), int(cnt["random_until"])
+        if meta.get("step_unit") != "transitions":  # counters in batched env steps
+            self.env_step, self.collect_until, self.random_until = (
+                x * self.num_envs for x in (self.env_step, self.collect_until, self.random_until))
         if "data" not in state["buffer"]:
             refill = self.cfg["warm_start"]["warmup_steps"] if self.warm_started else self.cfg["learning_starts"]
             self.collect_until = self.env_step + int(refill)

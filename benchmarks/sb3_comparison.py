@@ -15,7 +15,7 @@ Matched settings (both sides): PPO -- 64 steps per env per rollout, minibatch 25
 GAE 0.95, clip 0.2, grad-norm 0.5, tanh MLP 64x64 actor and critic, initial log-std -0.5, running observation and
 return normalisation (ours built in; SB3 via VecNormalize). SAC -- ReLU MLP 256x256, batch 256, lr 3e-4, gamma
 0.99, tau 0.005, one gradient step per batched env step, automatic temperature from 0.1, target entropy -Da, the
-same number of uniform-random warm-up transitions; observation normalisation (ours: fitted once from the warm-up
+same number (4000) of uniform-random warm-up transitions; observation normalisation (ours: fitted once from the warm-up
 data; SB3: VecNormalize running obs stats, rewards unscaled). Our SAC critics use LayerNorm (its default), SB3's
 do not. ``env_steps`` counts transitions summed over envs; steps/s is ``env_steps`` over training wall time
 (collection + updates), torch on one thread.
@@ -43,7 +43,7 @@ AGENTS = ("distillery-ppo", "sb3-ppo", "distillery-sac", "sb3-sac")
 PPO_SHARED = {"num_steps": 64, "minibatch_size": 256, "epochs": 10, "lr": 3e-4, "gamma": 0.99, "gae_lambda": 0.95,
               "clip": 0.2, "max_grad_norm": 0.5, "hidden": [64, 64], "init_log_std": -0.5}
 SAC_SHARED = {"hidden": [256, 256], "batch_size": 256, "lr": 3e-4, "gamma": 0.99, "tau": 0.005,
-              "init_temperature": 0.1, "learning_starts": 250}  # learning_starts: batched env steps
+              "init_temperature": 0.1, "learning_starts": 4000}  # learning_starts: transitions
 
 
 class _Quiet:
@@ -89,7 +89,7 @@ def _train_ours(agent_name: str, task: str, env_steps: int, num_envs: int, seed:
         policy = make_policy("gaussian", env.observation_spec, env.action_spec,
                              {"hidden": s["hidden"], "activation": "relu", "squash": True, "state_std": True})
         cfg = {k: v for k, v in s.items() if k != "hidden"}
-        agent = SACAgent({**cfg, "env_steps": env_steps // num_envs, "critic_hidden": s["hidden"],
+        agent = SACAgent({**cfg, "env_steps": env_steps, "critic_hidden": s["hidden"],
                           "checkpoint_every": 10 ** 9, "log_every": 10 ** 9}, policy, env, run_dir, _Quiet(),
                          seed=seed)
     agent.train()
@@ -120,7 +120,7 @@ def _train_sb3(agent_name: str, task: str, env_steps: int, num_envs: int, seed: 
         venv = VecNormalize(vec, norm_obs=True, norm_reward=False, gamma=s["gamma"])
         model = SAC("MlpPolicy", venv, batch_size=s["batch_size"], learning_rate=s["lr"], gamma=s["gamma"],
                     tau=s["tau"], ent_coef=f"auto_{s['init_temperature']}", train_freq=1, gradient_steps=1,
-                    learning_starts=s["learning_starts"] * num_envs, buffer_size=max(env_steps, 1000), seed=seed,
+                    learning_starts=s["learning_starts"], buffer_size=max(env_steps, 1000), seed=seed,
                     device="cpu", policy_kwargs={"net_arch": s["hidden"]})
     model.learn(env_steps)
     venv.training = False

@@ -108,7 +108,7 @@ def _run_agent(agent: Any, ckpt: Path | None, logger: Any, run_dir: Path) -> Pat
     """Resume ``agent`` from ``ckpt`` if given, train it to its last step, close the logger."""
     if ckpt is not None:
         agent.load(ckpt)
-        progress = next(getattr(agent, a) for a in ("step", "env_steps", "round") if hasattr(agent, a))
+        progress = next(getattr(agent, a) for a in ("step", "env_steps", "env_step", "round") if hasattr(agent, a))
         print(f"resumed from {ckpt} at step {progress}")
     agent.train()
     logger.close()
@@ -145,18 +145,18 @@ def _start_run(cfg: DictConfig, resume: str | Path | None, command: str) -> tupl
 
 
 def train(cfg: DictConfig, resume: str | Path | None = None) -> Path:
-    """Imitation of the dataset with ``cfg.policy`` (agent=bc), or an RL agent (:func:`train_rl`); returns the run
+    """Imitation of the dataset with ``cfg.policy`` (agent=bc), or an RL agent (:func:`_train_rl`); returns the run
     directory (checkpoints inside)."""
     import torch
 
+    cfg, run_dir, ckpt = _start_run(cfg, resume, "train")  # a resumed run's agent is the one it was started with
     if cfg.agent.name in config_mod.RL_AGENTS:
-        return train_rl(cfg, resume)
+        return _train_rl(cfg, run_dir, ckpt)
 
     from distillery.agents import BCAgent
     from distillery.data import EpisodeDataset, SequenceDataset
     from distillery.policies import make_policy
 
-    cfg, run_dir, ckpt = _start_run(cfg, resume, "train")
     torch.manual_seed(int(cfg.seed))
     path = dataset_path(cfg)
     episodes = EpisodeDataset(path)
@@ -204,12 +204,12 @@ def _initial_policy(cfg: DictConfig, env: BatchedEnv | None = None) -> tuple[Any
                        OmegaConf.to_container(cfg.policy)), {}
 
 
-def train_rl(cfg: DictConfig, resume: str | Path | None = None) -> Path:
+def _train_rl(cfg: DictConfig, run_dir: Path, ckpt: Path | None) -> Path:
     """``agent=ppo|sac`` (online, batched envs; from ``init`` or a fresh ``policy``) or ``agent=offline`` (RL-100's
-    offline stage from ``init``, a BC run, on ``dataset`` or the one ``init`` was trained on)."""
+    offline stage from ``init``, a BC run, on ``dataset`` or the one ``init`` was trained on), into ``run_dir``,
+    resumed from ``ckpt`` if given."""
     import torch
 
-    cfg, run_dir, ckpt = _start_run(cfg, resume, "train")
     torch.manual_seed(int(cfg.seed))
     name = cfg.agent.name
     agent_cfg = OmegaConf.to_container(cfg.agent)

@@ -95,3 +95,16 @@ def test_agent_yamls_hold_the_class_defaults():
         for key in extra:
             cfg.pop(key)
         assert cfg == cls.DEFAULTS
+
+
+def test_an_rl_run_resumes_through_the_cli_with_its_own_agent(tmp_path, monkeypatch, capsys):
+    """`train --resume` reads the agent from the run's stored config (here sac), not from the defaults (bc)."""
+    monkeypatch.chdir(tmp_path)
+    sac = ["train", "agent=sac", "policy=gaussian", "policy.squash=true", "policy.state_std=true",
+           "policy.hidden=[16]", "agent.critic_hidden=[16]", "agent.num_envs=4", "agent.env_steps=16",
+           "agent.learning_starts=8", "agent.batch_size=8", "logger.wandb=false", "run_dir=sac"]
+    assert main(sac) == 0
+    assert (tmp_path / "sac" / "checkpoints" / "step_000000016").is_dir()  # steps count transitions
+    capsys.readouterr()
+    assert main(["train", "--resume", "sac"]) == 0
+    assert "at step 16" in capsys.readouterr().out

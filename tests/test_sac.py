@@ -16,7 +16,7 @@ from distillery.policies import GaussianPolicy
 from distillery.runtime import save_checkpoint
 from tests.helpers import ListLogger
 
-SMALL = {"env_steps": 5, "learning_starts": 5, "batch_size": 32, "critic_hidden": [32, 32], "buffer_size": 2000,
+SMALL = {"env_steps": 20, "learning_starts": 20, "batch_size": 32, "critic_hidden": [32, 32], "buffer_size": 2000,
          "log_every": 10_000, "checkpoint_every": 10_000, "utd_ratio": 0}
 
 
@@ -63,7 +63,7 @@ def offline_checkpoint(path, env, target_action: float):
 def test_wsrl_warmup_collects_k_steps_with_frozen_policy_and_no_update(tmp_path):
     env = make_env("push_cube", num_envs=4, seed=0)
     offline_policy, offline_critic = offline_checkpoint(tmp_path / "offline", env, target_action=0.6)
-    K = 6
+    K = 6 * env.num_envs  # transitions: 6 batched steps
     torch.manual_seed(99)  # the agent's own policy starts from other weights: the checkpoint must replace them
     agent = SACAgent({**SMALL, "env_steps": K, "utd_ratio": 1, "warm_start": {"checkpoint": str(tmp_path / "offline"),
                                                                              "warmup_steps": K}},
@@ -71,8 +71,8 @@ def test_wsrl_warmup_collects_k_steps_with_frozen_policy_and_no_update(tmp_path)
     initial = params(offline_policy, offline_critic)
     assert all_equal(params(agent.policy, agent.critic), initial)
     agent.train()
-    # exactly K batched steps of N envs went into the empty buffer, and nothing was updated
-    assert agent.buffer.size == K * env.num_envs and agent.updates == 0
+    # exactly K transitions went into the empty buffer, and nothing was updated
+    assert agent.buffer.size == K and agent.updates == 0
     assert all_equal(params(agent.policy, agent.critic), initial)
     assert all_equal(params(agent.critic_target), params(offline_critic))
     assert agent.log_alpha.item() == pytest.approx(math.log(SACAgent.DEFAULTS["init_temperature"]))
@@ -81,9 +81,9 @@ def test_wsrl_warmup_collects_k_steps_with_frozen_policy_and_no_update(tmp_path)
     acts = agent.buffer.action[:agent.buffer.size]
     assert (acts - 0.6).abs().max() < 0.05
     # online SAC starts right after the warm-up: the next batched step does utd_ratio = 1 update
-    agent.cfg["env_steps"] = K + 1
+    agent.cfg["env_steps"] = K + 1  # rounds up to the next whole batched step
     agent.train()
-    assert agent.updates == 1 and agent.buffer.size == (K + 1) * env.num_envs
+    assert agent.updates == 1 and agent.buffer.size == K + env.num_envs == agent.env_step
     assert not all_equal(params(agent.policy, agent.critic), initial)
 
 
@@ -157,7 +157,7 @@ def test_twin_q_target_matches_hand_computation(tmp_path, backup_entropy):
 
 def test_buffer_stores_pre_reset_final_obs_and_bootstraps_truncation(tmp_path):
     n, limit = 2, 3
-    agent = make_agent(tmp_path, num_envs=n, env_steps=2 * limit, learning_starts=2 * limit,
+    agent = make_agent(tmp_path, num_envs=n, env_steps=2 * limit * n, learning_starts=2 * limit * n,
                        env_kwargs={"max_episode_steps": limit})
     agent.train()
     buf = agent.buffer
@@ -174,14 +174,15 @@ def test_buffer_stores_pre_reset_final_obs_and_bootstraps_truncation(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- checkpoints
 def test_save_load_resumes_updates_bit_exactly(tmp_path):
-    a = make_agent(tmp_path / "a", env_steps=6, learning_starts=3, utd_ratio=1, batch_size=16)
-    a.train()  # updates after steps 4, 5 and 6, then saves checkpoints/step_000000006
+    a = make_agent(tmp_path / "a", env_steps=24, learning_starts=12, utd_ratio=1, batch_size=16)
+    a.train()  # 4 envs: updates after batched steps 4, 5 and 6, then saves checkpoints/step_000000024
     assert a.updates == 3
     for _ in range(3):
         a.update()
-    b = make_agent(tmp_path / "b", seed=1, env_steps=6, learning_starts=3, utd_ratio=1, batch_size=16)
+    b = make_agent(tmp_path / "b", seed=1, env_steps=24, learning_starts=12, utd_ratio=1, batch_size=16)
     b.load(tmp_path / "a" / "checkpoints" / "last")
-    assert (b.env_step, b.updates, b.buffer.size, b.buffer.ptr) == (6, 3, 24, 24)
+    assert (tmp_path / "a" / "checkpoints" / "step_000000024").is_dir()
+    assert (b.env_step, b.updates, b.buffer.size, b.buffer.ptr) == (24, 3, 24, 24)
     # the checkpoint's model.* is a plain policy checkpoint: `distillery eval` / `export` load it
     deployed, meta = load_policy(tmp_path / "a")
     assert meta["agent"] == "sac" and all_equal(params(deployed), params(b.policy))
@@ -193,13 +194,13 @@ def test_save_load_resumes_updates_bit_exactly(tmp_path):
 
 
 def test_resume_without_saved_buffer_refills_before_updating(tmp_path):
-    a = make_agent(tmp_path / "a", env_steps=4, learning_starts=2, utd_ratio=1, save_buffer=False)
+    a = make_agent(tmp_path / "a", env_steps=16, learning_starts=8, utd_ratio=1, save_buffer=False)
     a.train()
-    b = make_agent(tmp_path / "b", env_steps=4, learning_starts=2, utd_ratio=1, save_buffer=False)
+    b = make_agent(tmp_path / "b", env_steps=16, learning_starts=8, utd_ratio=1, save_buffer=False)
     b.load(tmp_path / "a")
-    assert b.buffer.size == 0 and b.collect_until == 4 + 2
-    b.cfg["env_steps"] = 7
-    b.train()  # steps 5, 6 refill with the current policy, step 7 updates
+    assert b.buffer.size == 0 and b.collect_until == 16 + 8
+    b.cfg["env_steps"] = 28
+    b.train()  # batched steps 5, 6 refill with the current policy, step 7 updates
     assert b.updates == a.updates + 1 and b.buffer.size == 3 * 4
 
 
@@ -220,7 +221,7 @@ def test_bad_config_and_policy_are_clear_errors(tmp_path):
 # ---------------------------------------------------------------------------------------------- learning
 @pytest.mark.slow
 def test_short_sac_run_improves_deterministic_return_on_lift_cube(tmp_path):
-    """300 batched steps of 16 envs (4,800 transitions), 2 updates a step: the deterministic (mean) policy moves
+    """300 batched steps of 16 envs (4,800 transitions), 2 updates a batched step: the deterministic (mean) policy moves
     the gripper towards the cube. Seeds 0, 1, 2 improved the mean return by 16, 13 and 12 over the initial
     policy (about -145.4); the bar is 5."""
     torch.manual_seed(0)
@@ -228,9 +229,9 @@ def test_short_sac_run_improves_deterministic_return_on_lift_cube(tmp_path):
     eval_env = make_env("lift_cube", num_envs=16, seed=123)
     policy = make_policy(env, hidden=[128, 128])
     before, _ = evaluate_policy(policy, eval_env, 16, seed=7, sampler="mean")
-    agent = SACAgent({"env_steps": 300, "learning_starts": 20, "utd_ratio": 2, "batch_size": 128,
+    agent = SACAgent({"env_steps": 4800, "learning_starts": 320, "utd_ratio": 2, "batch_size": 128,
                       "critic_hidden": [128, 128], "buffer_size": 100_000, "gamma": 0.9, "lr": 1e-3, "tau": 0.01,
-                      "init_temperature": 0.01, "log_every": 100, "checkpoint_every": 10_000},
+                      "init_temperature": 0.01, "log_every": 1600, "checkpoint_every": 160_000},
                      policy, env, tmp_path, ListLogger(), seed=0)
     agent.train()
     after, _ = evaluate_policy(policy, eval_env, 16, seed=7, sampler="mean")
