@@ -8,6 +8,10 @@ noise ``z``; the teacher runs its K-step DDIM chain (``agent.teacher_sampler``),
 
     L = || f_theta(z, T-1 | o) - DDIM_K^teacher(z | o) ||^2
 
+With ``eta > 0`` in the teacher's chain (an RL fine-tuned teacher is sampled with the stochastic chain it was
+trained on) the chain draws fresh noise after ``z``, and the student learns the mean of the teacher's samples from
+``z``.
+
 On an ``agent.multistep_prob`` share of samples the student instead starts at a level ``t ~ U{0..T-2}`` from the
 teacher's sample re-noised, ``x_t = q(x_t | DDIM_K(z))``, and must return that sample: without it ``consistency:N``
 (N > 1) re-noises to levels the student never saw (measured on push_cube after 500 steps: 0.84 success at one step,
@@ -67,7 +71,7 @@ def output_distill_loss(student: ConsistencyPolicy, teacher: DiffusionPolicy, no
                         distance: Callable[[Tensor, Tensor], Tensor] = F.mse_loss, cond: Tensor | None = None,
                         cond_teacher: Tensor | None = None) -> Tensor:
     """RL-100's head objective on normalised observations ``nobs``: the student maps the teacher's noise ``z`` to
-    the teacher's deterministic ``teacher_sampler`` sample from ``z`` (see the module docstring). Used by
+    the teacher's ``teacher_sampler`` sample from ``z`` (see the module docstring). Used by
     :class:`DistillAgent` and by the RL agents' interleaved consistency head (the teacher is then the live policy)."""
     cond = student.encode_obs(nobs) if cond is None else cond
     b = cond.shape[0]
@@ -157,10 +161,11 @@ class DistillAgent(BCAgent):
         super().__init__(cfg, policy, data, run_dir, logger, seed=seed, evaluate=evaluate, meta=meta)
         self.teacher = teacher.eval().requires_grad_(False)
         self.objective = str(cfg["objective"])
-        self.teacher_sampler = teacher.parse_sampler(str(cfg["teacher_sampler"]))
-        if self.teacher_sampler.kind != "ddim" or (self.teacher_sampler.eta or 0.0) != 0.0:
-            raise ValueError(f"agent.teacher_sampler={cfg['teacher_sampler']!r}: output matching needs a "
-                             f"deterministic teacher, use 'ddim:K' (eta 0)")
+        # None: the teacher's own default sampler (for an RL fine-tuned teacher, the chain it was trained on)
+        self.teacher_sampler = teacher.parse_sampler(cfg["teacher_sampler"])
+        if self.objective == "output" and self.teacher_sampler.kind != "ddim":
+            raise ValueError(f"agent.teacher_sampler={self.teacher_sampler.text!r}: output matching runs the "
+                             f"teacher's DDIM chain; use 'ddim:K' or 'ddim:K:eta=E' (or null: the teacher's own)")
         self.grid = torch.tensor(teacher.schedule.timesteps(SamplerSpec("ddim", int(cfg["ode_steps"]))))  # (N, 2)
         self.target = None
         if self.objective == "consistency":

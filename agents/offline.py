@@ -164,7 +164,7 @@ class OfflineRLAgent:
         self.mdp = policy.denoising_mdp(int(c["ddim_steps"]), c["ft_steps"], float(c["eta"]), float(c["std_min"]),
                                         float(c["std_min"]))
         if c["ft_steps"] is None:  # the accepted policy is sampled with the chain it was fine-tuned on
-            policy.set_sampler(f"ddim:{int(c['ddim_steps'])}")
+            policy.set_sampler(self.mdp.sampler)
         self.frozen = copy.deepcopy(policy).eval().requires_grad_(False)  # the BC network runs the untrained steps
         self.accepted = copy.deepcopy(policy).eval().requires_grad_(False)
         self.optimizer = torch.optim.AdamW(policy.parameters(), lr=float(c["lr"]), weight_decay=0.0)
@@ -212,8 +212,9 @@ class OfflineRLAgent:
         return p.to_env_action(chain_end[:, start:start + p.action_horizon]).flatten(1)
 
     def policy_fn(self, policy: DiffusionPolicy) -> Callable[[Tensor], Tensor]:
-        """Critic obs ``(B, D)`` -> the policy's deterministic (``ddim:ddim_steps``) executed chunk ``(B, Ta*Da)``."""
-        sampler = f"ddim:{int(self.cfg['ddim_steps'])}"
+        """Critic obs ``(B, D)`` -> the policy's executed chunk ``(B, Ta*Da)`` from the chain it is fine-tuned over, with
+        a fixed noise stream (a deterministic function of the batch, as FQE's target needs)."""
+        sampler = self.mdp.sampler
 
         def fn(obs: Tensor) -> Tensor:
             hist = self.features.decode(obs)

@@ -256,11 +256,12 @@ class PPOAgent:
             self.actor: GaussianActor | ChainActor = GaussianActor(policy)
         elif isinstance(policy, DiffusionPolicy) and policy.name == "diffusion":
             # all steps are trained: the checkpoint is one network that eval and export sample end to end, with
-            # the deterministic (eta 0) version of the chain it was fine-tuned on
-            policy.set_sampler(f"ddim:{int(c['ddim_steps'])}")
-            self.actor = ChainActor(policy, policy.denoising_mdp(
+            # the (stochastic) chain it was fine-tuned on
+            mdp = policy.denoising_mdp(
                 int(c["ddim_steps"]), None, float(c["eta"]), float(c["std_min_sample"]), float(c["std_min_logprob"]),
-                None if c["noise_clip"] is None else float(c["noise_clip"])))
+                None if c["noise_clip"] is None else float(c["noise_clip"]))
+            policy.set_sampler(mdp.sampler)
+            self.actor = ChainActor(policy, mdp)
         else:
             raise TypeError(f"PPOAgent trains a GaussianPolicy (policy=gaussian) or a diffusion policy "
                             f"(policy=diffusion), got {type(policy).__name__}")

@@ -58,7 +58,7 @@ class BCSchema:
 @dataclass
 class DistillSchema(BCSchema):
     objective: str = MISSING
-    teacher_sampler: str = MISSING
+    teacher_sampler: Optional[str] = MISSING
     multistep_prob: float = MISSING
     ode_steps: int = MISSING
     distance: str = MISSING

@@ -58,6 +58,13 @@ class DenoisingMDP:
     def ft_grid(self) -> list[tuple[int, int]]:
         return list(self.steps[len(self.steps) - self.ft_steps:])
 
+    @property
+    def sampler(self) -> str:
+        """The sampler string of this chain (``ddim:K:eta=E``, without the std floors and noise clip): what a
+        policy fine-tuned over it is evaluated and deployed with. RL trains the stochastic chain, not its eta-0
+        ODE: lift_cube's online policy scored 1.000 with ``ddim:5:eta=1.0`` and 0.940 with ``ddim:5``."""
+        return f"ddim:{len(self.steps)}:eta={self.eta:g}"
+
 
 class DiffusionPolicy(Policy):
     name: ClassVar[str] = "diffusion"

@@ -123,6 +123,27 @@ def test_distill_resume_is_exact(data, teacher, tmp_path):
 def test_distill_rejects_bad_settings(data, teacher, tmp_path):
     with pytest.raises(ValueError, match="objective"):
         DistillAgent({**DISTILL, "objective": "magic"}, make_student(teacher), teacher, data, tmp_path, ListLogger())
-    with pytest.raises(ValueError, match="deterministic teacher"):
+    with pytest.raises(ValueError, match="DDIM chain"):
         DistillAgent({**DISTILL, "teacher_sampler": "ddpm"}, make_student(teacher), teacher, data, tmp_path,
                      ListLogger())
+
+
+def test_output_distillation_defaults_to_the_teachers_own_stochastic_chain(data, teacher, tmp_path):
+    """An RL fine-tuned teacher samples the ddim:K:eta=E chain it was trained on; teacher_sampler=None distils that
+    chain, whose fresh noise after z makes the target random given z (the student regresses its mean)."""
+    import copy
+
+    tuned = copy.deepcopy(teacher)
+    tuned.set_sampler("ddim:3:eta=1")
+    agent = DistillAgent({**DISTILL, "teacher_sampler": None}, make_student(tuned), tuned, data, tmp_path,
+                         ListLogger())
+    assert (agent.teacher_sampler.steps, agent.teacher_sampler.eta) == (3, 1.0)
+    batch = next(iter(torch.utils.data.DataLoader(data, batch_size=8)))
+    nobs, _ = agent.policy.normalized_batch(batch)
+    z = torch.randn(8, tuned.pred_horizon, tuned.action_dim)
+    cond = tuned.encode_obs(nobs)
+    draws = [tuned.schedule.sample(lambda x, t: tuned.eps(x, t, cond), tuple(z.shape), agent.teacher_sampler, x_T=z)
+             for _ in range(2)]
+    assert not torch.allclose(draws[0], draws[1])  # same z, different samples: eta > 0 is honoured
+    loss, _ = agent.compute_loss(batch)
+    assert torch.isfinite(loss)

@@ -50,6 +50,6 @@ def test_the_ope_gate_keeps_the_behaviour_policy_unless_a_candidate_passes(bc_ru
     saved, meta = load_policy(root / f"always_{sampler}")  # the accepted policy is what eval/export load
     for k, v in saved.state_dict().items():
         torch.testing.assert_close(v, always.accepted.state_dict()[k])
-    assert saved.cfg["sampler"] == "ddim:2"
+    assert saved.cfg["sampler"] == "ddim:2:eta=1"
     _, meta = load_checkpoint(root / f"always_{sampler}" / "checkpoints" / "last")
     assert meta["offline_history"][0]["accepted_at"] == 4

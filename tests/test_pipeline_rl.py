@@ -52,7 +52,7 @@ def test_pipeline_runs_every_stage_reports_and_skips_finished_stages(tmp_path, m
     assert Path(distilled["dataset"]).resolve() == tmp_path / "pipe" / "rollouts" / "data.zarr"
     assert rollouts.num_episodes == 2
     assert Path(rollouts.meta["source"]).resolve().is_relative_to(tmp_path / "pipe" / "online")
-    assert rollouts.meta["sampler"] == "ddim:2"
+    assert rollouts.meta["sampler"] == "ddim:2:eta=1"
     capsys.readouterr()
 
     # a rerun skips every finished stage and reports the same rows

@@ -290,7 +290,7 @@ def test_diffusion_critic_warmup_keeps_the_actor_and_a_run_checkpoints_an_evalua
     agent.save()
     policy, meta = load_policy(tmp_path / "run")
     assert meta["agent"] == "ppo" and policy.name == "diffusion"
-    assert policy.cfg["sampler"] == "ddim:4"  # evaluated with the (eta 0) chain it was fine-tuned over
+    assert policy.cfg["sampler"] == "ddim:4:eta=1"  # evaluated with the stochastic chain it was fine-tuned over
     obs = {"state": torch.randn(2, 2, agent.env.observation_spec["state"].shape[0])}
     g = [torch.Generator().manual_seed(0) for _ in range(2)]
     torch.testing.assert_close(policy.predict_chunk(obs, generator=g[0]),
