@@ -37,6 +37,11 @@ COLUMNS = {
     "rl_pipeline_summary": [("task", "task", "{}"), ("offline - bc", "offline_minus_bc", "{:+.3f}"),
                             ("online", "online", "{:.3f}"), ("one step", "one_step", "{:.3f}"),
                             ("pipeline h", "pipeline_wall_h", "{:.2f}"), ("targets met", "met", "{}")],
+    "sb3_comparison": [("task", "task", "{}"), ("agent", "agent", "{}"), ("vec env", "vec_env", "{}"),
+                       ("env steps", "env_steps", "{:,}"), ("success", "success_rate", "{:.3f}"),
+                       ("95% CI", "success_ci95", "[{0[0]:.2f}, {0[1]:.2f}]"), ("steps/s", "env_steps_per_s", "{:,.0f}"),
+                       ("speed / SB3 (its DummyVecEnv)", "speed_ratio_vs_sb3", "{:.2f}"),
+                       ("speed / SB3 (our batched env)", "speed_ratio_vs_sb3_batched", "{:.2f}")],
 }
 # tables built from another key of a benchmark's JSON: name -> (file stem, key)
 SOURCES = {"policy_latency_ratios": ("policy_latency", "ratios"), "rl_pipeline_summary": ("rl_pipeline", "summary")}
