@@ -156,11 +156,9 @@ class GaussianActor:
         action, log_prob = self.policy.sample_and_log_prob(nobs, generator)
         return action, log_prob, self.policy.normalizer.unnormalize("action", action)[:, None]
 
-    def log_prob(self, nobs: Mapping[str, Tensor], action: Tensor) -> Tensor:
-        return self.policy.log_prob(nobs, action)
-
-    def entropy(self, nobs: Mapping[str, Tensor]) -> Tensor | None:
-        return self.policy.entropy(nobs)
+    def log_prob(self, nobs: Mapping[str, Tensor], action: Tensor) -> tuple[Tensor, Tensor | None]:
+        """-> (log-prob (B,), entropy (B,)), from one forward pass."""
+        return self.policy.log_prob_and_entropy(nobs, action)
 
     def metrics(self, nobs: Mapping[str, Tensor]) -> dict[str, float]:
         return {"train/std": float(self.policy.dist_params(nobs)[1].detach().exp().mean())}
@@ -182,11 +180,10 @@ class ChainActor:
         start = self.obs_horizon - 1
         return chain, log_prob, self.policy.to_env_action(chain[:, -1, start:start + self.action_horizon])
 
-    def log_prob(self, nobs: Mapping[str, Tensor], chain: Tensor) -> Tensor:
-        return self.policy.chain_log_prob(nobs, chain, self.mdp)
-
-    def entropy(self, nobs: Mapping[str, Tensor]) -> Tensor | None:
-        return None  # the chain's noise is fixed by the schedule and the floors; nothing to regularise
+    def log_prob(self, nobs: Mapping[str, Tensor], chain: Tensor) -> tuple[Tensor, Tensor | None]:
+        """-> (log-probs (B, K), None): the chain's noise is fixed by the schedule and the floors, so it has no
+        entropy to regularise."""
+        return self.policy.chain_log_prob(nobs, chain, self.mdp), None
 
     def metrics(self, nobs: Mapping[str, Tensor]) -> dict[str, float]:
         return {}
@@ -467,7 +464,7 @@ class PPOAgent:
                     adv = flat["advantage"][idx]
                     if c["norm_adv"]:
                         adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-                    log_prob, old = self.actor.log_prob(mnobs, flat["action"][idx]), flat["log_prob"][idx]
+                    (log_prob, entropy), old = self.actor.log_prob(mnobs, flat["action"][idx]), flat["log_prob"][idx]
                     adv = adv.view(-1, *[1] * (log_prob.dim() - 1)).expand_as(log_prob)  # one per denoising step
                     pg_loss, pm = ppo_clip_loss(log_prob.flatten(), old.flatten(), adv.flatten(), float(c["clip"]))
                     if target_kl is not None and pm["approx_kl"] > 1.5 * float(target_kl):
@@ -475,7 +472,6 @@ class PPOAgent:
                         break
                     loss = loss + pg_loss
                     m.update(pm, policy_loss=float(pg_loss.detach()))
-                    entropy = self.actor.entropy(mnobs)
                     if entropy is not None:
                         loss = loss - float(c["ent_coef"]) * entropy.mean()
                         m["entropy"] = float(entropy.mean().detach())

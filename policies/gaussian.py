@@ -154,16 +154,21 @@ class GaussianPolicy(Policy):
     def log_prob(self, nobs: Mapping[str, Tensor], action: Tensor) -> Tensor:
         """Log-density of normalised ``action (B, Da)`` -> ``(B,)``. Squashed: ``action`` is inverted through
         ``atanh`` (clamped 1e-6 inside +-1, so saturated data actions get a finite density)."""
-        mean, log_std = self.dist_params(nobs)
-        if not self.squash:
-            return gaussian_log_prob(action, mean, log_std)
-        u = torch.atanh(action.clamp(-1.0 + 1e-6, 1.0 - 1e-6))
-        return gaussian_log_prob(u, mean, log_std) - _tanh_log_det(u)
+        return self.log_prob_and_entropy(nobs, action)[0]
 
     def entropy(self, nobs: Mapping[str, Tensor]) -> Tensor:
         """Entropy ``(B,)`` of the Gaussian before any squash: ``sum(log_std) + Da/2 (1 + log 2 pi)``."""
         _, log_std = self.dist_params(nobs)
         return (log_std + 0.5 * (1.0 + _LOG_2PI)).sum(-1)
+
+    def log_prob_and_entropy(self, nobs: Mapping[str, Tensor], action: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`log_prob` and :meth:`entropy` from one forward pass (PPO needs both per minibatch)."""
+        mean, log_std = self.dist_params(nobs)
+        entropy = (log_std + 0.5 * (1.0 + _LOG_2PI)).sum(-1)
+        if not self.squash:
+            return gaussian_log_prob(action, mean, log_std), entropy
+        u = torch.atanh(action.clamp(-1.0 + 1e-6, 1.0 - 1e-6))
+        return gaussian_log_prob(u, mean, log_std) - _tanh_log_det(u), entropy
 
     # ------------------------------------------------------------------------------------------ Policy contract
     def loss(self, batch: Mapping[str, Any]) -> tuple[Tensor, dict[str, float]]:

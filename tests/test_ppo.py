@@ -44,6 +44,9 @@ def test_gaussian_densities_match_torch_distributions():
     torch.testing.assert_close(lp, ref.log_prob(a).sum(-1))
     torch.testing.assert_close(p.log_prob(nobs, a), lp)
     torch.testing.assert_close(p.entropy(nobs), ref.entropy().sum(-1))
+    both = p.log_prob_and_entropy(nobs, a)  # PPO's one-forward-pass version
+    torch.testing.assert_close(both[0], lp)
+    torch.testing.assert_close(both[1], ref.entropy().sum(-1))
 
 
 def test_squashed_gaussian_log_prob_matches_tanh_transform():
@@ -272,7 +275,7 @@ def test_diffusion_rollout_records_chains_chunks_and_ratio_one(tmp_path):
     # the reset env played the chunk's two remaining actions in its new episode: its history is the last 2 obs
     torch.testing.assert_close(agent._hist["state"][:, -1], agent._obs["state"].float())
     nobs = {k: v.flatten(0, 1) for k, v in buf["nobs"].items()}
-    new = agent.actor.log_prob(nobs, buf["action"].flatten(0, 1))
+    new, _ = agent.actor.log_prob(nobs, buf["action"].flatten(0, 1))
     torch.testing.assert_close(new, buf["log_prob"].flatten(0, 1), atol=1e-4, rtol=0)
 
 
