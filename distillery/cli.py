@@ -10,7 +10,7 @@ import argparse
 import sys
 
 COMMANDS = {
-    "collect": "roll out the scripted expert -> zarr dataset (episodes=, expert_noise=, dataset=)",
+    "collect": "roll out the scripted expert -> zarr dataset (episodes=, expert_noise=, expert_mistakes=, dataset=)",
     "train": "imitation (agent=bc) or RL (agent=offline|ppo|sac, init=CKPT) -> checkpoints; --resume RUN_DIR continues",
     "distill": "diffusion teacher -> one-step consistency policy (teacher=CKPT, agent.objective=output|consistency)",
     "eval": "evaluate a checkpoint -> results table + report.json (checkpoint=, episodes=, sampler=)",

@@ -119,6 +119,7 @@ class LoggerSchema:
 class PipelineSchema:
     root: Optional[str] = MISSING
     expert_noise: dict[str, float] = MISSING
+    expert_mistakes: dict[str, float] = MISSING
     dart_noise: dict[str, float] = MISSING
     episodes: int = MISSING
     eval_episodes: int = MISSING
@@ -137,6 +138,7 @@ class RootSchema:
     dataset: Optional[str] = MISSING
     episodes: int = MISSING
     expert_noise: float = MISSING
+    expert_mistakes: float = MISSING
     checkpoint: Optional[str] = MISSING
     teacher: Optional[str] = MISSING
     init: Optional[str] = MISSING
@@ -250,15 +252,19 @@ def _check_choices(cfg: DictConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
-    nonneg = ["expert_noise", "collect.action_noise", "eval.video_episodes", "pipeline.distill_rollouts",
-              *(f"pipeline.{group}.{task}" for group in ("expert_noise", "dart_noise")
-                for task in cfg.pipeline[group])]
+    nonneg = ["expert_noise", "expert_mistakes", "collect.action_noise", "eval.video_episodes",
+              "pipeline.distill_rollouts", *(f"pipeline.{group}.{task}" for group in ("expert_noise", "expert_mistakes",
+                                                                                   "dart_noise")
+                                             for task in cfg.pipeline[group])]
     if bc_like:
         nonneg += ["agent.lr", "agent.weight_decay", "agent.warmup_steps", "agent.eval_every"]
     for key in nonneg:
         value = OmegaConf.select(cfg, key)
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
+    for key in ["expert_mistakes", *(f"pipeline.expert_mistakes.{t}" for t in cfg.pipeline.expert_mistakes)]:
+        if OmegaConf.select(cfg, key) > 1:
+            raise ConfigError(f"{key} is a share of episodes: it must be in [0, 1], got {OmegaConf.select(cfg, key)}")
     if cfg.device != "cpu" and not cfg.device.startswith("cuda"):
         raise ConfigError(f"device={cfg.device!r}; use 'cpu' or 'cuda[:N]'")
     if cfg.sampler is not None:  # syntax only: which kinds apply depends on the checkpoint's policy (eval, export)

@@ -67,8 +67,10 @@ def collect(cfg: DictConfig) -> Path:
     path = dataset_path(cfg)
     num_envs = min(int(cfg.collect.num_envs), int(cfg.episodes))
     env = env_from_config(cfg.task, num_envs, cfg.seed)
-    expert = make_expert(cfg.task.name, num_envs, noise=float(cfg.expert_noise), seed=int(cfg.seed))
-    meta = {"task": cfg.task.name, "expert_noise": float(cfg.expert_noise), "seed": int(cfg.seed),
+    expert = make_expert(cfg.task.name, num_envs, noise=float(cfg.expert_noise), seed=int(cfg.seed),
+                         mistakes=float(cfg.expert_mistakes))
+    meta = {"task": cfg.task.name, "expert_noise": float(cfg.expert_noise),
+            "expert_mistakes": float(cfg.expert_mistakes), "seed": int(cfg.seed),
             "control_dt": env.control_dt, "max_episode_steps": env.max_episode_steps,
             "collect_num_envs": num_envs, "action_noise": float(cfg.collect.action_noise)}
     played = []
@@ -465,12 +467,14 @@ def rl_pipeline(overrides: list[str]) -> Path:
     data = root / "data.zarr"
     noise = float(p.expert_noise[task])
     dart = float(p.dart_noise.get(task, 0.0))
+    mistakes = float(p.expert_mistakes.get(task, 0.0))
 
     def stage_cfg(stage_overrides: Any, name: str, *extra: str) -> DictConfig:
         return config_mod.compose([*stage_overrides, *overrides, f"dataset={data}", f"run_dir={root / name}", *extra])
 
     records = {"collect": _stage(root, "collect", lambda: collect(stage_cfg(
-        [], "collect", f"expert_noise={noise}", f"collect.action_noise={dart}", f"episodes={int(p.episodes)}")))}
+        [], "collect", f"expert_noise={noise}", f"expert_mistakes={mistakes}", f"collect.action_noise={dart}",
+        f"episodes={int(p.episodes)}")))}
     records["bc"] = _stage(root, "bc", lambda: train(stage_cfg(p.bc, "bc"), resume=_resume_arg(root / "bc")))
     records["offline"] = _stage(root, "offline", lambda: train(
         stage_cfg(p.offline, "offline", f"init={root / 'bc'}"), resume=_resume_arg(root / "offline")))
@@ -497,7 +501,7 @@ def rl_pipeline(overrides: list[str]) -> Path:
         env = env_from_config(base.task, min(int(base.eval.num_envs), episodes), seed)
         t0 = time.perf_counter()
         if stage == "expert":
-            expert = make_expert(task, env.num_envs, noise=noise, seed=seed)
+            expert = make_expert(task, env.num_envs, noise=noise, seed=seed, mistakes=mistakes)
             # the demonstrator as it played: label noise plus the executed-only (DART) noise
             summary = summarize([ep for wave in run_waves(env, expert, episodes, seed, action_noise=dart)
                                  for ep in wave])

@@ -56,14 +56,17 @@ def make_env(task: str, num_envs: int, seed: int = 0, backend: str = "mujoco", d
     return BatchedEnv(task_obj, physics, seed=seed, **env_kwargs)
 
 
-def make_expert(task: str, num_envs: int, noise: float = 0.0, seed: int = 0) -> Callable[..., torch.Tensor]:
-    """Scripted expert for ``task``: ``expert(obs) -> action (N, Da)``; call ``expert.reset(mask)`` after resets."""
+def make_expert(task: str, num_envs: int, noise: float = 0.0, seed: int = 0,
+                mistakes: float = 0.0) -> Callable[..., torch.Tensor]:
+    """Scripted expert for ``task``: ``expert(obs) -> action (N, Da)``; call ``expert.reset(mask)`` after resets.
+    ``noise``: action noise std; ``mistakes``: share of episodes played with the expert's systematic mistake
+    (push_cube only)."""
     if task == "push_cube":
         from distillery.envs.tasks.push_cube import PushCubeExpert
-        return PushCubeExpert(num_envs, noise=noise, seed=seed)
+        return PushCubeExpert(num_envs, noise=noise, seed=seed, mistakes=mistakes)
     if task == "lift_cube":
         from distillery.envs.tasks.lift_cube import LiftCubeExpert
-        return LiftCubeExpert(num_envs, noise=noise, seed=seed)
+        return LiftCubeExpert(num_envs, noise=noise, seed=seed, mistakes=mistakes)
     raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
 
 

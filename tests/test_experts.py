@@ -9,10 +9,11 @@ import torch
 from distillery.envs import TASKS, make_env, make_expert
 
 
-def _run_episodes(task: str, num_envs: int, seed: int, noise: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def _run_episodes(task: str, num_envs: int, seed: int, noise: float = 0.0,
+                  mistakes: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """One episode per env; returns success (N,) bool and episode length (N,) int64."""
     env = make_env(task, num_envs, seed=seed)
-    expert = make_expert(task, num_envs, noise=noise, seed=seed)
+    expert = make_expert(task, num_envs, noise=noise, seed=seed, mistakes=mistakes)
     obs = env.reset()
     expert.reset()
     finished = torch.zeros(num_envs, dtype=torch.bool)
@@ -89,3 +90,20 @@ def test_noise_knob_is_seeded_and_changes_actions(task: str) -> None:
     assert noisy_a.abs().max() <= 1.0 and clean.dtype == torch.float32 and clean.shape == (8, env.task.act_dim)
     with pytest.raises(ValueError, match="noise"):
         make_expert(task, 8, noise=-1.0)
+
+
+def test_push_expert_mistakes_aim_off_the_goal_in_that_share_of_episodes() -> None:
+    """A mistaken episode aims 6 cm (three tolerances) off the goal and mostly fails (a quarter of them pass through
+    the goal region on the way: 4 of 16 here); the others are clean."""
+    expert = make_expert("push_cube", 4000, seed=3, mistakes=0.3)
+    offset = expert.goal_offset.norm(dim=1)
+    missed = offset > 0
+    assert abs(missed.float().mean().item() - 0.3) < 0.03  # drawn per episode with probability `mistakes`
+    torch.testing.assert_close(offset[missed], torch.full_like(offset[missed], 0.06))
+    all_wrong, _ = _run_episodes("push_cube", 16, seed=0, mistakes=1.0)
+    clean, _ = _run_episodes("push_cube", 16, seed=0)
+    assert clean.sum() >= 15 and all_wrong.sum() <= 6, (clean.sum(), all_wrong.sum())
+    with pytest.raises(ValueError, match="no mistake mode"):
+        make_expert("lift_cube", 2, mistakes=0.5)
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        make_expert("push_cube", 2, mistakes=1.5)

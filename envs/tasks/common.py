@@ -42,15 +42,23 @@ class ScriptedExpert:
 
     ``noise`` > 0 makes mixed-quality demonstrations: :meth:`hold_random` occasionally replaces the
     command by a random one held for a few steps, and subclasses add Gaussian action noise of that std.
+    ``mistakes`` is the share of episodes (drawn at each reset) that a subclass with a mistake mode
+    (``has_mistakes``) plays with a systematic error of its own, e.g. aiming off the goal.
     """
 
     act_dim: int
+    has_mistakes = False
 
-    def __init__(self, num_envs: int, noise: float = 0.0, seed: int = 0) -> None:
+    def __init__(self, num_envs: int, noise: float = 0.0, seed: int = 0, mistakes: float = 0.0) -> None:
         if noise < 0:
             raise ValueError(f"noise must be >= 0, got {noise}")
+        if not 0.0 <= mistakes <= 1.0:
+            raise ValueError(f"mistakes must be a share of episodes in [0, 1], got {mistakes}")
+        if mistakes > 0 and not self.has_mistakes:
+            raise ValueError(f"{type(self).__name__} has no mistake mode; use noise for mixed-quality data")
         self.num_envs = num_envs
         self.noise = float(noise)
+        self.mistakes = float(mistakes)
         self.generator = torch.Generator().manual_seed(int(seed))
         self.perturb_left = torch.zeros(num_envs, dtype=torch.int64)
         self.perturb_value: torch.Tensor | None = None

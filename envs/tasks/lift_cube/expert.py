@@ -38,8 +38,8 @@ class LiftCubeExpert(ScriptedExpert):
 
     act_dim = 5
 
-    def __init__(self, num_envs: int, noise: float = 0.0, seed: int = 0) -> None:
-        super().__init__(num_envs, noise, seed)
+    def __init__(self, num_envs: int, noise: float = 0.0, seed: int = 0, mistakes: float = 0.0) -> None:
+        super().__init__(num_envs, noise, seed, mistakes)
         self.phase = torch.zeros(num_envs, dtype=torch.int64)
         self.timer = torch.zeros(num_envs, dtype=torch.int64)
 

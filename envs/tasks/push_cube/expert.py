@@ -16,6 +16,10 @@ Idea (re-planned every control step from ``obs["privileged"]``):
    direction of the orbit is the episode's random ``side`` (+1 counter-clockwise, -1 clockwise), drawn from
    the expert's seeded generator at reset: demonstrations are multimodal.
 
+Mistake mode (``mistakes`` > 0): that share of episodes aims at a point ``_MISS`` (6 cm, three times the success
+tolerance) off the goal in a random direction, and times out there: a demonstrator whose failures are
+systematic, not noise a learner averages away.
+
 All geometry is in metres in the world frame; the action is the target's offset from the pusher divided by
 ``MAX_DELTA`` (the env's relative action scale).
 """
@@ -37,6 +41,7 @@ _CLEAR = CUBE_HALF * math.sqrt(2) + PUSHER_RADIUS + 0.008  # pusher centre never
 _ORBIT = _CLEAR + 0.015
 _MAX_STEP = 0.035  # max target displacement per control step away from the pusher (speed limit)
 _FAR_SIDE = math.radians(135.0)  # beyond this angle to go around, the episode's random side decides
+_MISS = 0.06  # goal offset of a mistaken episode (the success tolerance is 2 cm)
 
 
 def _rot90(v: torch.Tensor) -> torch.Tensor:
@@ -54,13 +59,16 @@ class PushCubeExpert(ScriptedExpert):
         num_envs: batch size N.
         noise: 0 = clean. > 0 adds gaussian action noise of this std and occasional random perturbations
             (a random target held for a few steps), for mixed-quality data.
-        seed: seeds the expert's generator (side choices, noise).
+        seed: seeds the expert's generator (side choices, noise, mistakes).
+        mistakes: share of episodes that aim ``_MISS`` off the goal (see the module docstring).
     """
 
     act_dim = 2
+    has_mistakes = True
 
-    def __init__(self, num_envs: int, noise: float = 0.0, seed: int = 0) -> None:
-        super().__init__(num_envs, noise, seed)
+    def __init__(self, num_envs: int, noise: float = 0.0, seed: int = 0, mistakes: float = 0.0) -> None:
+        super().__init__(num_envs, noise, seed, mistakes)
+        self.goal_offset = torch.zeros(num_envs, 2, dtype=torch.float64)
         self.side = torch.ones(num_envs)
         self.axis = torch.full((num_envs,), -1, dtype=torch.int64)  # goal face index k, -1 = choose anew
         self.face = torch.full((num_envs,), torch.nan, dtype=torch.float64)  # world angle of the pushed face
@@ -74,6 +82,11 @@ class PushCubeExpert(ScriptedExpert):
         self.axis = torch.where(mask, -1, self.axis)
         self.face = torch.where(mask, torch.nan, self.face)
         self.reset_perturbations(mask)
+        if self.mistakes > 0:  # drawn only then, so the clean and noisy experts' streams are unchanged
+            miss = torch.rand(self.num_envs, generator=self.generator, dtype=torch.float64) < self.mistakes
+            angle = torch.rand(self.num_envs, generator=self.generator, dtype=torch.float64) * (2 * math.pi)
+            offset = _MISS * torch.stack([angle.cos(), angle.sin()], 1) * miss[:, None]
+            self.goal_offset = torch.where(mask[:, None], offset, self.goal_offset)
 
     def command(self, priv: torch.Tensor) -> torch.Tensor:
         target = self._target(priv)
@@ -83,7 +96,7 @@ class PushCubeExpert(ScriptedExpert):
 
     # ------------------------------------------------------------------ controller
     def _target(self, priv: torch.Tensor) -> torch.Tensor:
-        q, p, g = priv[:, 0:2], priv[:, 2:4], priv[:, 6:8]
+        q, p, g = priv[:, 0:2], priv[:, 2:4], priv[:, 6:8] + self.goal_offset
         yaw = torch.atan2(priv[:, 5], priv[:, 4]) / 4  # cube yaw mod 90 deg
         goal_yaw = torch.atan2(priv[:, 9], priv[:, 8]) / 4
         yaw_err = wrap_quarter_turn(goal_yaw - yaw)
