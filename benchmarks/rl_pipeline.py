@@ -3,7 +3,8 @@
 For each task: the expert (its demonstrations succeed at most ~60%), BC on them, RL-100 offline RL, online PPO over
 the denoising chain, and the one-step consistency student distilled from the online policy, each evaluated on the
 same ``pipeline.eval_episodes`` seeded episodes (500 by default). ``wall_s`` is the training wall time of the stage
-(collection for the expert). Stages that finished earlier under ``--root`` are reused, so an interrupted benchmark
+(collection for the expert); ``pipeline_wall_h`` in the summary is the whole pipeline: every stage (rollouts of
+the online policy and the export included) and the evaluations. Stages that finished earlier under ``--root`` are reused, so an interrupted benchmark
 continues where it stopped.
 
     python benchmarks/rl_pipeline.py --task push_cube --task lift_cube --root runs/pipeline \\

@@ -58,7 +58,7 @@ def test_pipeline_runs_every_stage_reports_and_skips_finished_stages(tmp_path, m
     # a rerun skips every finished stage and reports the same rows
     assert main(["pipeline", *TINY]) == 0
     out = capsys.readouterr().out
-    assert out.count("finished earlier") == 6
+    assert out.count("finished earlier") == 7
     again = json.loads((tmp_path / "pipe" / "report.json").read_text())
     assert [r["success_rate"] for r in again["rows"]] == [r["success_rate"] for r in report["rows"]]
 
