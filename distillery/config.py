@@ -53,6 +53,7 @@ class BCSchema:
     eval_every: int = MISSING
     eval_episodes: int = MISSING
     checkpoint_every: int = MISSING
+    episode_sampling: str = "step"
 
 
 @dataclass

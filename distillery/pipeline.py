@@ -168,7 +168,10 @@ def train(cfg: DictConfig, resume: str | Path | None = None) -> Path:
     policy = make_policy(cfg.policy.name, episodes.obs_spec, episodes.action_spec,
                          OmegaConf.to_container(cfg.policy))
     policy.set_normalizer(episodes.stats(list(policy.obs_keys) + ["action"]))
-    data = SequenceDataset(episodes, policy.obs_keys, policy.obs_horizon, policy.pred_horizon)
+    if cfg.agent.episode_sampling not in ("step", "episode"):
+        raise ValueError(f"agent.episode_sampling={cfg.agent.episode_sampling!r}; use 'step' or 'episode'")
+    weights = SequenceDataset.balanced_episode_weights(episodes) if cfg.agent.episode_sampling == "episode" else None
+    data = SequenceDataset(episodes, policy.obs_keys, policy.obs_horizon, policy.pred_horizon, weights)
     logger = make_logger(cfg, run_dir, run_dir.name)
     print(f"train {cfg.policy.name} ({policy.num_params() / 1e6:.2f}M params) on {episodes.num_episodes} episodes "
           f"/ {episodes.num_steps} steps of {path} -> {run_dir}")

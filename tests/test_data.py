@@ -337,6 +337,10 @@ def test_sequence_weights_and_errors(tmp_path):
     assert (batch["obs"]["state"][:, -1, 0] == 3).all()  # only episode 1 (step 3) can be drawn
     uniform = SequenceDataset(base, ["state"], 2, 4).random_batch(256, generator=torch.Generator().manual_seed(0))
     assert len(torch.unique(uniform["obs"]["state"][:, -1, 0])) == 4
+    # balanced: the 1-step episode is drawn as often as the 3-step one (step-uniform: a quarter of the time)
+    balanced = SequenceDataset(base, ["state"], 2, 4, episode_weights=SequenceDataset.balanced_episode_weights(base))
+    batch = balanced.random_batch(4000, generator=torch.Generator().manual_seed(1))
+    assert abs((batch["obs"]["state"][:, -1, 0] == 3).float().mean().item() - 0.5) < 0.03
     with pytest.raises(ValueError, match="one per episode"):
         SequenceDataset(base, ["state"], 2, 4, episode_weights=[1.0])
     with pytest.raises(ValueError, match="pred_horizon"):

@@ -91,6 +91,13 @@ class SequenceDataset(Dataset):
         return {"obs": {k: v[idx[: self.obs_horizon]].float() for k, v in self._obs.items()},
                 "action": self._action[idx].float()}
 
+    @staticmethod
+    def balanced_episode_weights(dataset: EpisodeDataset) -> np.ndarray:
+        """``episode_weights`` (E,) that make every episode equally likely: ``1 / length``. A mediocre demonstrator's
+        failed episodes run to the time limit, so step-uniform sampling is dominated by them."""
+        lengths = np.diff(np.concatenate([[0], np.asarray(dataset.episode_ends, np.int64)]))
+        return 1.0 / np.maximum(lengths, 1)
+
     def sample_batch(self, indices: torch.Tensor | np.ndarray | Sequence[int]) -> dict[str, Any]:
         """Batch of samples ``indices`` (B,): ``{"obs": {k: (B, To, *shape)}, "action": (B, Tp, Da)}`` float32."""
         ind = torch.as_tensor(indices, dtype=torch.long, device=self.device)
