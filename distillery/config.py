@@ -259,6 +259,9 @@ def _check_choices(cfg: DictConfig) -> None:
                                              for task in cfg.pipeline[group])]
     if bc_like:
         nonneg += ["agent.lr", "agent.weight_decay", "agent.warmup_steps", "agent.eval_every"]
+        if cfg.agent.episode_sampling not in ("step", "episode"):
+            raise ConfigError(f"agent.episode_sampling={cfg.agent.episode_sampling!r}; use 'step' (every dataset step "
+                              f"equally likely) or 'episode' (every episode equally likely)")
     for key in nonneg:
         value = OmegaConf.select(cfg, key)
         if value < 0:

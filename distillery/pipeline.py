@@ -168,10 +168,8 @@ def train(cfg: DictConfig, resume: str | Path | None = None) -> Path:
     policy = make_policy(cfg.policy.name, episodes.obs_spec, episodes.action_spec,
                          OmegaConf.to_container(cfg.policy))
     policy.set_normalizer(episodes.stats(list(policy.obs_keys) + ["action"]))
-    if cfg.agent.episode_sampling not in ("step", "episode"):
-        raise ValueError(f"agent.episode_sampling={cfg.agent.episode_sampling!r}; use 'step' or 'episode'")
-    weights = SequenceDataset.balanced_episode_weights(episodes) if cfg.agent.episode_sampling == "episode" else None
-    data = SequenceDataset(episodes, policy.obs_keys, policy.obs_horizon, policy.pred_horizon, weights)
+    data = SequenceDataset(episodes, policy.obs_keys, policy.obs_horizon, policy.pred_horizon,
+                           _episode_weights(cfg, episodes))
     logger = make_logger(cfg, run_dir, run_dir.name)
     print(f"train {cfg.policy.name} ({policy.num_params() / 1e6:.2f}M params) on {episodes.num_episodes} episodes "
           f"/ {episodes.num_steps} steps of {path} -> {run_dir}")
@@ -189,6 +187,13 @@ def train(cfg: DictConfig, resume: str | Path | None = None) -> Path:
     agent = BCAgent(cfg.agent, policy, data, run_dir, logger, seed=int(cfg.seed), evaluate=periodic_eval,
                     meta={"task": cfg.task.name, "dataset": str(path), "config": OmegaConf.to_container(cfg)})
     return _run_agent(agent, ckpt, logger, run_dir)
+
+
+def _episode_weights(cfg: DictConfig, episodes: Any) -> Any:
+    """``agent.episode_sampling``: None (step: every dataset step equally likely) or the balanced episode weights."""
+    from distillery.data import SequenceDataset
+
+    return SequenceDataset.balanced_episode_weights(episodes) if cfg.agent.episode_sampling == "episode" else None
 
 
 def _initial_policy(cfg: DictConfig, env: BatchedEnv | None = None) -> tuple[Any, dict[str, Any]]:
@@ -291,7 +296,8 @@ def distill(cfg: DictConfig, resume: str | Path | None = None) -> Path:
     agent_cfg = OmegaConf.to_container(cfg.agent)
     student = make_student(teacher, agent_cfg["student"], bool(agent_cfg["init_from_teacher"]), verbose=True)
     torch.manual_seed(int(cfg.seed))
-    data = SequenceDataset(episodes, student.obs_keys, student.obs_horizon, student.pred_horizon)
+    data = SequenceDataset(episodes, student.obs_keys, student.obs_horizon, student.pred_horizon,
+                           _episode_weights(cfg, episodes))
     logger = make_logger(cfg, run_dir, run_dir.name)
     print(f"distill {cfg.teacher} ({teacher.num_params() / 1e6:.2f}M) -> consistency student "
           f"({student.num_params() / 1e6:.2f}M), objective {cfg.agent.objective}, -> {run_dir}")

@@ -97,8 +97,11 @@ def test_collect_train_eval_end_to_end(tmp_path, monkeypatch, capsys):
     # distill the trained policy into a one-step student; eval and a second distill read its checkpoint
     distill = ["distill", "teacher=tr", "agent.steps=2", "agent.batch_size=8", "agent.teacher_sampler=ddim:2",
                "agent.log_every=1", "logger.wandb=false"]
-    assert main([*distill, "run_dir=ds"]) == 0
+    assert main([*distill, "run_dir=ds", "agent.episode_sampling=episode"]) == 0
     assert (tmp_path / "ds" / "checkpoints" / "last" / "model.safetensors").is_file()
+    capsys.readouterr()
+    assert main([*distill, "run_dir=ds_bad", "agent.episode_sampling=uniform"]) == 2
+    assert "use 'step'" in capsys.readouterr().err and not (tmp_path / "ds_bad").exists()  # refused before any work
     assert main(["eval", "checkpoint=ds", "episodes=2", "eval.num_envs=2", "eval.latency_calls=1",
                  "run_dir=ev2"]) == 0
     rows = json.loads((tmp_path / "ev2" / "report.json").read_text())["results"]
