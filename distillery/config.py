@@ -253,10 +253,10 @@ def _check_choices(cfg: DictConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
+    per_task = [f"pipeline.{group}.{task}" for group in ("expert_noise", "expert_mistakes", "dart_noise")
+                for task in cfg.pipeline[group]]
     nonneg = ["expert_noise", "expert_mistakes", "collect.action_noise", "eval.video_episodes",
-              "pipeline.distill_rollouts", *(f"pipeline.{group}.{task}" for group in ("expert_noise", "expert_mistakes",
-                                                                                   "dart_noise")
-                                             for task in cfg.pipeline[group])]
+              "pipeline.distill_rollouts", *per_task]
     if bc_like:
         nonneg += ["agent.lr", "agent.weight_decay", "agent.warmup_steps", "agent.eval_every"]
         if cfg.agent.episode_sampling not in ("step", "episode"):
@@ -267,8 +267,9 @@ def _check_choices(cfg: DictConfig) -> None:
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
     for key in ["expert_mistakes", *(f"pipeline.expert_mistakes.{t}" for t in cfg.pipeline.expert_mistakes)]:
-        if OmegaConf.select(cfg, key) > 1:
-            raise ConfigError(f"{key} is a share of episodes: it must be in [0, 1], got {OmegaConf.select(cfg, key)}")
+        value = OmegaConf.select(cfg, key)
+        if value > 1:
+            raise ConfigError(f"{key} is a share of episodes: it must be in [0, 1], got {value}")
     if cfg.device != "cpu" and not cfg.device.startswith("cuda"):
         raise ConfigError(f"device={cfg.device!r}; use 'cpu' or 'cuda[:N]'")
     if cfg.sampler is not None:  # syntax only: which kinds apply depends on the checkpoint's policy (eval, export)
