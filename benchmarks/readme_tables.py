@@ -61,11 +61,14 @@ def table(name: str) -> str:
             commands.append(data["command"])
         elif data.get("argv"):
             commands.append(f"python benchmarks/{data['benchmark']}.py " + " ".join(data["argv"]))
+        # a benchmark whose rows per task may come from separate invocations records each one's argv
+        commands += [f"python benchmarks/{data['benchmark']}.py " + " ".join(s["argv"])
+                     for s in data.get("summary", []) if "argv" in s]
         for row in data.get(key, []):
             lines.append("| " + " | ".join(fmt.format(row[key]) if key in row else "" for _, key, fmt in cols) + " |")
     src = ", ".join(f"`{f.relative_to(ROOT)}`" for f in files)
     return "\n".join(lines) + f"\n\n<sub>Generated from {src}" + \
-        (f" by `{'`, `'.join(commands)}`" if commands else "") + ".</sub>"
+        (f" by `{'`, `'.join(dict.fromkeys(commands))}`" if commands else "") + ".</sub>"
 
 
 def main() -> None:

@@ -10,6 +10,9 @@ continues where it stopped.
     python benchmarks/rl_pipeline.py --task push_cube --task lift_cube --root runs/pipeline \\
         --json benchmarks/results/rl_pipeline.json [pipeline overrides ...]
 
+With ``--json``, rows of tasks not run by this invocation are kept from the file (each summary line keeps the
+``argv`` that produced it), so one task can be rerun without rerunning the other.
+
 JSON rows: ``task``, ``stage`` (expert | bc | offline | online | one_step), ``success_rate``, ``episodes``,
 ``wall_s``, plus the 95% CI, sampler and evaluation time.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from distillery.pipeline import format_pipeline_table, rl_pipeline
@@ -38,7 +42,7 @@ def main() -> None:
                                          *args.overrides]).read_text())
         rows += report["rows"]
         by = {r["stage"]: r["success_rate"] for r in report["rows"]}
-        summary.append({"task": task, "offline_minus_bc": by["offline"] - by["bc"], "online": by["online"],
+        summary.append({"task": task, "argv": sys.argv[1:], "offline_minus_bc": by["offline"] - by["bc"], "online": by["online"],
                         "one_step": by["one_step"], "pipeline_wall_h": report["pipeline_wall_s"] / 3600,
                         "met": ", ".join(f"{k}: {'yes' if ok else 'no'}" for k, ok in (
                             ("offline >= bc + 0.10", by["offline"] - by["bc"] >= 0.10),
@@ -49,10 +53,11 @@ def main() -> None:
     for s in summary:
         print(json.dumps(s))
     if args.json:
-        argv = [a for t in (args.task or []) for a in ("--task", t)] + ["--root", str(args.root), "--json",
-                                                                          str(args.json), *args.overrides]
-        atomic_write_text(args.json, json.dumps({"benchmark": "rl_pipeline", "argv": argv, "targets": TARGETS,
-                                                 "rows": rows,
+        ran = {s["task"] for s in summary}
+        kept = json.loads(args.json.read_text()) if args.json.is_file() else {"rows": [], "summary": []}
+        rows = [r for r in kept["rows"] if r["task"] not in ran] + rows
+        summary = [s for s in kept["summary"] if s["task"] not in ran] + summary
+        atomic_write_text(args.json, json.dumps({"benchmark": "rl_pipeline", "targets": TARGETS, "rows": rows,
                                                  "summary": summary}, indent=1))
 
 

@@ -116,6 +116,10 @@ class LoggerSchema:
     project: str = MISSING
 
 
+# The pipeline stages that take `distillery train` / `distill` overrides (`pipeline.<stage>`).
+PIPELINE_STAGES = ("bc", "offline", "online", "distill")
+
+
 @dataclass
 class PipelineSchema:
     root: Optional[str] = MISSING
@@ -129,6 +133,7 @@ class PipelineSchema:
     online: list[str] = MISSING
     distill: list[str] = MISSING
     distill_rollouts: int = MISSING
+    task_overrides: dict[str, dict[str, list[str]]] = MISSING
 
 
 @dataclass
@@ -266,6 +271,11 @@ def _check_choices(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
+    for task, stages in cfg.pipeline.task_overrides.items():
+        unknown = sorted(set(stages) - set(PIPELINE_STAGES))
+        if unknown:
+            raise ConfigError(f"pipeline.task_overrides.{task} has unknown stages {unknown}; the stages with "
+                              f"overrides are {list(PIPELINE_STAGES)}")
     for key in ["expert_mistakes", *(f"pipeline.expert_mistakes.{t}" for t in cfg.pipeline.expert_mistakes)]:
         value = OmegaConf.select(cfg, key)
         if value > 1:

@@ -24,6 +24,8 @@ TINY = [
     '"agent.ddim_steps=2","agent.log_every=1"]',
     'pipeline.online=["agent=ppo","agent.num_envs=2","agent.env_steps=16","agent.num_steps=4","agent.epochs=1",'
     '"agent.minibatch_size=4","agent.ddim_steps=2","agent.value_hidden=[16]"]',
+    # the task's own stage overrides come after the shared ones (ppo_steps 2 -> 3)
+    'pipeline.task_overrides.push_cube.offline=["agent.ppo_steps=3"]', "pipeline.task_overrides.push_cube.online=[]",
     'pipeline.distill=["agent=distill","agent.steps=2","agent.batch_size=8","agent.teacher_sampler=ddim:2",'
     '"agent.log_every=1"]',
 ]
@@ -43,6 +45,8 @@ def test_pipeline_runs_every_stage_reports_and_skips_finished_stages(tmp_path, m
     # each RL stage started from the previous one
     online = json.loads((tmp_path / "pipe" / "online" / "checkpoints" / "last" / "meta.json").read_text())
     assert online["agent"] == "ppo" and online["init"]["checkpoint"].startswith(str(tmp_path / "pipe" / "offline"))
+    offline = json.loads((tmp_path / "pipe" / "offline" / "checkpoints" / "last" / "meta.json").read_text())
+    assert offline["config"]["agent"]["ppo_steps"] == 3 and offline["config"]["agent"]["rounds"] == 1
     # the demonstrations were played with the executed-only (DART) noise; the student was distilled on
     # rollouts of the online policy (its own sampler), not on the demonstrations
     from distillery.data import EpisodeDataset
