@@ -25,7 +25,7 @@ TINY = [
     'pipeline.online=["agent=ppo","agent.num_envs=2","agent.env_steps=16","agent.num_steps=4","agent.epochs=1",'
     '"agent.minibatch_size=4","agent.ddim_steps=2","agent.value_hidden=[16]"]',
     # the task's own stage overrides come after the shared ones (ppo_steps 2 -> 3)
-    'pipeline.task_overrides.push_cube.offline=["agent.ppo_steps=3"]', "pipeline.task_overrides.push_cube.online=[]",
+    '++pipeline.task_overrides.push_cube.offline=["agent.ppo_steps=3"]', "pipeline.task_overrides.push_cube.online=[]",
     'pipeline.distill=["agent=distill","agent.steps=2","agent.batch_size=8","agent.teacher_sampler=ddim:2",'
     '"agent.log_every=1"]',
 ]
