@@ -42,8 +42,9 @@ def main() -> None:
                                          *args.overrides]).read_text())
         rows += report["rows"]
         by = {r["stage"]: r["success_rate"] for r in report["rows"]}
-        summary.append({"task": task, "argv": sys.argv[1:], "offline_minus_bc": by["offline"] - by["bc"], "online": by["online"],
-                        "one_step": by["one_step"], "pipeline_wall_h": report["pipeline_wall_s"] / 3600,
+        summary.append({"task": task, "argv": sys.argv[1:], "offline_minus_bc": by["offline"] - by["bc"],
+                        "online": by["online"], "one_step": by["one_step"],
+                        "pipeline_wall_h": report["pipeline_wall_s"] / 3600,
                         "met": ", ".join(f"{k}: {'yes' if ok else 'no'}" for k, ok in (
                             ("offline >= bc + 0.10", by["offline"] - by["bc"] >= 0.10),
                             ("online >= 0.99", by["online"] >= 0.99), ("one step >= 0.98", by["one_step"] >= 0.98),
