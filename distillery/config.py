@@ -310,8 +310,10 @@ def _check_policy(cfg: DictConfig) -> None:
         env.close()
 
 
-def samplers(cfg: DictConfig, policy_name: str | None = None) -> list[str]:
-    """The samplers ``eval`` runs: ``cfg.sampler`` (comma-separated) or the policy's defaults."""
+def samplers(cfg: DictConfig, policy_name: str | None = None, own: str | None = None) -> list[str]:
+    """The samplers ``eval`` runs: ``cfg.sampler`` (comma-separated), or the checkpoint's own sampler ``own``
+    followed by the policy class's defaults (an RL fine-tuned policy's own chain, e.g. ``ddim:5:eta=1``, is the
+    policy it was trained as; the class defaults alone would skip it)."""
     from distillery.policies import POLICIES, parse_sampler
 
     name = policy_name or cfg.policy.name
@@ -319,7 +321,8 @@ def samplers(cfg: DictConfig, policy_name: str | None = None) -> list[str]:
     if fixed is not None:  # a policy with its own fixed samplers (the MLP's "direct") ignores `sampler`
         return list(fixed)
     if cfg.sampler is None:
-        return list(POLICIES[name].EVAL_SAMPLERS)  # type: ignore[attr-defined]
+        defaults = list(POLICIES[name].EVAL_SAMPLERS)  # type: ignore[attr-defined]
+        return list(dict.fromkeys([own, *defaults] if own else defaults))
     out = [s.strip() for s in str(cfg.sampler).split(",") if s.strip()]
     kinds = getattr(POLICIES[name], "SAMPLER_KINDS", ())
     for s in out:

@@ -332,7 +332,7 @@ def evaluate(cfg: DictConfig, checkpoints: dict[str, str | Path] | None = None,
         task_cfg = meta["config"]["task"]
         tasks.add(task_cfg["name"])
         latency_env = env_from_config(task_cfg, 1, cfg.seed)
-        for sampler in config_mod.samplers(cfg, policy.name):
+        for sampler in config_mod.samplers(cfg, policy.name, policy.cfg.get("sampler")):
             s = None if sampler == "direct" else sampler
             episodes = int(cfg.eval.sampler_episodes.get(sampler, cfg.episodes))
             env = env_from_config(task_cfg, min(int(cfg.eval.num_envs), episodes), cfg.seed)

@@ -179,3 +179,16 @@ def test_streaming_loss_uses_chunkwise_levels(monkeypatch):
     offsets = {tuple(row.tolist()) for row in t}
     expected = {tuple(p.grid[p.level_index("before") - j].tolist()) for j in range(p.stream_steps)}
     assert offsets == expected
+
+
+def test_eval_runs_a_fine_tuned_checkpoint_s_own_chain_first():
+    """`distillery eval` without `sampler=`: the checkpoint's own sampler (an RL policy's ddim:5:eta=1) and then
+    the class defaults, each once; `sampler=` replaces both."""
+    from distillery import config as config_mod
+
+    cfg = config_mod.compose(["policy=diffusion"])
+    assert config_mod.samplers(cfg, "diffusion", "ddim:5:eta=1") == ["ddim:5:eta=1", "ddpm", "ddim:10"]
+    assert config_mod.samplers(cfg, "diffusion", "ddim:10") == ["ddim:10", "ddpm"]
+    assert config_mod.samplers(cfg, "diffusion") == ["ddpm", "ddim:10"]
+    cfg = config_mod.compose(["policy=diffusion", "sampler=ddim:3"])
+    assert config_mod.samplers(cfg, "diffusion", "ddim:5:eta=1") == ["ddim:3"]
