@@ -480,19 +480,20 @@ def rl_pipeline(overrides: list[str]) -> Path:
 
     task_overrides = p.task_overrides.get(task, {})
 
-    def stage_cfg(stage: str, name: str, *extra: str) -> DictConfig:
-        # shared stage overrides, then this task's, then the command line's
-        stage_overrides = [*p[stage], *task_overrides.get(stage, [])] if stage in config_mod.PIPELINE_STAGES else []
-        return config_mod.compose([*stage_overrides, *overrides, f"dataset={data}", f"run_dir={root / name}", *extra])
+    def stage_cfg(stage: str, *extra: str) -> DictConfig:
+        """The config of ``stage``, run in ``root / stage``: the shared stage overrides (collect has none), then
+        this task's, then the command line's."""
+        stage_overrides = [*OmegaConf.select(p, stage, default=[]), *task_overrides.get(stage, [])]
+        return config_mod.compose([*stage_overrides, *overrides, f"dataset={data}", f"run_dir={root / stage}", *extra])
 
     records = {"collect": _stage(root, "collect", lambda: collect(stage_cfg(
-        "collect", "collect", f"expert_noise={noise}", f"expert_mistakes={mistakes}", f"collect.action_noise={dart}",
+        "collect", f"expert_noise={noise}", f"expert_mistakes={mistakes}", f"collect.action_noise={dart}",
         f"episodes={int(p.episodes)}")))}
-    records["bc"] = _stage(root, "bc", lambda: train(stage_cfg("bc", "bc"), resume=_resume_arg(root / "bc")))
+    records["bc"] = _stage(root, "bc", lambda: train(stage_cfg("bc"), resume=_resume_arg(root / "bc")))
     records["offline"] = _stage(root, "offline", lambda: train(
-        stage_cfg("offline", "offline", f"init={root / 'bc'}"), resume=_resume_arg(root / "offline")))
+        stage_cfg("offline", f"init={root / 'bc'}"), resume=_resume_arg(root / "offline")))
     records["online"] = _stage(root, "online", lambda: train(
-        stage_cfg("online", "online", f"init={root / 'offline'}"), resume=_resume_arg(root / "online")))
+        stage_cfg("online", f"init={root / 'offline'}"), resume=_resume_arg(root / "online")))
     # The student copies the teacher where the teacher goes: on the online policy's own rollouts, not on the
     # noisy demonstrations, whose states and actions the fine-tuned policy has left behind.
     distill_data = data
@@ -501,7 +502,7 @@ def rl_pipeline(overrides: list[str]) -> Path:
             base, root / "online", root / "rollouts" / "data.zarr", int(p.distill_rollouts)))
         distill_data = Path(records["rollouts"]["path"])
     records["one_step"] = _stage(root, "distill", lambda: distill(
-        stage_cfg("distill", "distill", f"teacher={root / 'online'}", f"dataset={distill_data}"),
+        stage_cfg("distill", f"teacher={root / 'online'}", f"dataset={distill_data}"),
         resume=_resume_arg(root / "distill")))
 
     # ---- evaluation of every stage on the same seeded episodes (cached per stage)
