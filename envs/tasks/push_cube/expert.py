@@ -16,10 +16,10 @@ Idea (re-planned every control step from ``obs["privileged"]``):
    direction of the orbit is the episode's random ``side`` (+1 counter-clockwise, -1 clockwise), drawn from
    the expert's seeded generator at reset: demonstrations are multimodal.
 
-Mistake mode (``mistakes`` > 0): that share of episodes stops pushing once the cube is ``_STOP_SHORT``
-(3-5 cm, beyond the 2 cm tolerance) from the goal and holds there until the time limit: a demonstrator whose
-failures are systematic, not noise a learner averages away, and one short push from success, a correction the
-clean episodes demonstrate in the same states (they push on through them), so that RL has it within reach.
+Mistake mode (``mistakes`` > 0): that share of episodes brings the cube to the goal position in the wrong
+orientation, ``_YAW_MISS`` (30-45 deg, beyond the 15 deg tolerance) off the goal yaw with a random sign, and
+times out there: a demonstrator whose failures are systematic, not noise a learner averages away, and near
+success, so that RL has a local correction to learn.
 
 All geometry is in metres in the world frame; the action is the target's offset from the pusher divided by
 ``MAX_DELTA`` (the env's relative action scale).
@@ -42,7 +42,7 @@ _CLEAR = CUBE_HALF * math.sqrt(2) + PUSHER_RADIUS + 0.008  # pusher centre never
 _ORBIT = _CLEAR + 0.015
 _MAX_STEP = 0.035  # max target displacement per control step away from the pusher (speed limit)
 _FAR_SIDE = math.radians(135.0)  # beyond this angle to go around, the episode's random side decides
-_STOP_SHORT = (0.03, 0.05)  # cube-to-goal distance (m) at which a mistaken episode stops (tolerance 2 cm)
+_YAW_MISS = (math.radians(30.0), math.radians(45.0))  # |goal yaw error| of a mistaken episode (tolerance 15 deg)
 
 
 def _rot90(v: torch.Tensor) -> torch.Tensor:
@@ -61,7 +61,7 @@ class PushCubeExpert(ScriptedExpert):
         noise: 0 = clean. > 0 adds gaussian action noise of this std and occasional random perturbations
             (a random target held for a few steps), for mixed-quality data.
         seed: seeds the expert's generator (side choices, noise, mistakes).
-        mistakes: share of episodes that stop ``_STOP_SHORT`` from the goal (see the module docstring).
+        mistakes: share of episodes that aim ``_YAW_MISS`` off the goal yaw (see the module docstring).
     """
 
     act_dim = 2
@@ -69,7 +69,7 @@ class PushCubeExpert(ScriptedExpert):
 
     def __init__(self, num_envs: int, noise: float = 0.0, seed: int = 0, mistakes: float = 0.0) -> None:
         super().__init__(num_envs, noise, seed, mistakes)
-        self.stop_short = torch.zeros(num_envs, dtype=torch.float64)  # 0: a clean episode
+        self.yaw_offset = torch.zeros(num_envs, dtype=torch.float64)
         self.side = torch.ones(num_envs)
         self.axis = torch.full((num_envs,), -1, dtype=torch.int64)  # goal face index k, -1 = choose anew
         self.face = torch.full((num_envs,), torch.nan, dtype=torch.float64)  # world angle of the pushed face
@@ -85,9 +85,10 @@ class PushCubeExpert(ScriptedExpert):
         self.reset_perturbations(mask)
         if self.mistakes > 0:  # drawn only then, so the clean and noisy experts' streams are unchanged
             miss = torch.rand(self.num_envs, generator=self.generator, dtype=torch.float64) < self.mistakes
-            low, high = _STOP_SHORT
+            low, high = _YAW_MISS
             size = torch.rand(self.num_envs, generator=self.generator, dtype=torch.float64) * (high - low) + low
-            self.stop_short = torch.where(mask, size * miss, self.stop_short)
+            sign = torch.randint(0, 2, (self.num_envs,), generator=self.generator).double() * 2 - 1
+            self.yaw_offset = torch.where(mask, sign * size * miss, self.yaw_offset)
 
     def command(self, priv: torch.Tensor) -> torch.Tensor:
         target = self._target(priv)
@@ -99,7 +100,7 @@ class PushCubeExpert(ScriptedExpert):
     def _target(self, priv: torch.Tensor) -> torch.Tensor:
         q, p, g = priv[:, 0:2], priv[:, 2:4], priv[:, 6:8]
         yaw = torch.atan2(priv[:, 5], priv[:, 4]) / 4  # cube yaw mod 90 deg
-        goal_yaw = torch.atan2(priv[:, 9], priv[:, 8]) / 4
+        goal_yaw = torch.atan2(priv[:, 9], priv[:, 8]) / 4 + self.yaw_offset
         yaw_err = wrap_quarter_turn(goal_yaw - yaw)
         e = g - p
         dist = e.norm(dim=1)
@@ -148,7 +149,7 @@ class PushCubeExpert(ScriptedExpert):
         # 3a. push: the target leads the pusher by `lead`, which sets the speed; slow down near the goal.
         lead = (0.5 * dist + 0.003).clamp(0.005, 0.03)
         push_target = p + u * (a_c + lead)[:, None] + u_perp * b_des[:, None]
-        done = ((dist < 0.006) & (yaw_err.abs() < math.radians(6.0))) | (dist < self.stop_short)
+        done = (dist < 0.006) & (yaw_err.abs() < math.radians(6.0))
         push_target = torch.where(done[:, None], q, push_target)
 
         # 3b. reposition: straight to the pre-contact point if the path is clear, else orbit the cube.
