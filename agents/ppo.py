@@ -32,9 +32,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from distillery.agents.distill import ConsistencyHead
+from distillery.agents.grad_steps import clear_grads, clip_grad_norm
 from distillery.envs import BatchedEnv
 from distillery.policies import DiffusionPolicy, GaussianPolicy
 from distillery.policies.base import to_plain
@@ -294,9 +295,11 @@ class PPOAgent:
         self.value = make_mlp(value_in, [int(h) for h in c["value_hidden"]], 1, str(c["value_activation"]),
                               out_gain=1.0).to(self.device)
         actor_lr = float(c["lr"] if c["actor_lr"] is None else c["actor_lr"])
+        # fused: one C++ kernel per group for the whole Adam step; the same update as foreach up to float rounding
+        # (~1 ulp), at a third of its cost for these small networks
         self.optimizer = torch.optim.Adam([{"params": list(policy.parameters()), "lr": actor_lr},
                                            {"params": list(self.value.parameters()), "lr": float(c["lr"])}],
-                                          eps=float(c["adam_eps"]), foreach=True)
+                                          eps=float(c["adam_eps"]), fused=True)
         self.generator = torch.Generator(device=self.device).manual_seed(self.seed)
         self.env_steps = 0
         self.updates = 0
@@ -454,17 +457,21 @@ class PPOAgent:
         self.policy.train()
         for _ in range(int(c["epochs"])):
             perm = torch.randperm(n, generator=self.generator, device=self.device)
+            # one gather per epoch; each minibatch is then a slice (a view) of the shuffled rollout
+            shuffled, snobs = {k: v[perm] for k, v in flat.items()}, {k: v[perm] for k, v in nobs.items()}
             for start in range(0, n - mb + 1, mb):  # drop a ragged tail: every minibatch has mb samples
-                idx = perm[start:start + mb]
-                value_loss = (self.value(flat["vobs"][idx]).squeeze(-1) - flat["return"][idx]).pow(2).mean()
+                rows = slice(start, start + mb)
+                value = self.value(shuffled["vobs"][rows]).squeeze(-1)
+                value_loss = (value - shuffled["return"][rows]).pow(2).mean()
                 loss = float(c["vf_coef"]) * value_loss
                 m: dict[str, float] = {"value_loss": float(value_loss.detach())}
                 if not actor_frozen:
-                    mnobs = {k: v[idx] for k, v in nobs.items()}
-                    adv = flat["advantage"][idx]
+                    mnobs = {k: v[rows] for k, v in snobs.items()}
+                    adv = shuffled["advantage"][rows]
                     if c["norm_adv"]:
                         adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-                    (log_prob, entropy), old = self.actor.log_prob(mnobs, flat["action"][idx]), flat["log_prob"][idx]
+                    (log_prob, entropy) = self.actor.log_prob(mnobs, shuffled["action"][rows])
+                    old = shuffled["log_prob"][rows]
                     adv = adv.view(-1, *[1] * (log_prob.dim() - 1)).expand_as(log_prob)  # one per denoising step
                     pg_loss, pm = ppo_clip_loss(log_prob.flatten(), old.flatten(), adv.flatten(), float(c["clip"]))
                     if target_kl is not None and pm["approx_kl"] > 1.5 * float(target_kl):
@@ -475,9 +482,9 @@ class PPOAgent:
                     if entropy is not None:
                         loss = loss - float(c["ent_coef"]) * entropy.mean()
                         m["entropy"] = float(entropy.mean().detach())
-                self.optimizer.zero_grad(set_to_none=True)
+                clear_grads(params)
                 loss.backward()
-                m["grad_norm"] = float(nn.utils.clip_grad_norm_(params, float(c["max_grad_norm"])))
+                m["grad_norm"] = float(clip_grad_norm(params, float(c["max_grad_norm"])))
                 self.optimizer.step()
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + v
