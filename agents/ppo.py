@@ -470,7 +470,7 @@ class PPOAgent:
                     adv = shuffled["advantage"][rows]
                     if c["norm_adv"]:
                         adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-                    (log_prob, entropy) = self.actor.log_prob(mnobs, shuffled["action"][rows])
+                    log_prob, entropy = self.actor.log_prob(mnobs, shuffled["action"][rows])
                     old = shuffled["log_prob"][rows]
                     adv = adv.view(-1, *[1] * (log_prob.dim() - 1)).expand_as(log_prob)  # one per denoising step
                     pg_loss, pm = ppo_clip_loss(log_prob.flatten(), old.flatten(), adv.flatten(), float(c["clip"]))
