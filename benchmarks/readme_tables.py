@@ -43,6 +43,10 @@ COLUMNS = {
                        ("95% CI", "success_ci95", "[{0[0]:.2f}, {0[1]:.2f}]"), ("steps/s", "env_steps_per_s", "{:,.0f}"),
                        ("speed / SB3 (its DummyVecEnv)", "speed_ratio_vs_sb3", "{:.2f}"),
                        ("speed / SB3 (our batched env)", "speed_ratio_vs_sb3_batched", "{:.2f}")],
+    "push_failures": [("case", "case", "{}"), ("sampler", "sampler", "{}"), ("episodes", "episodes", "{}"),
+                      ("success", "success_rate", "{:.3f}"), ("failed: wrong yaw at the goal", "wrong_yaw", "{:.3f}"),
+                      ("failed: cube out of reach", "out_of_reach", "{:.3f}"),
+                      ("failed: elsewhere", "elsewhere", "{:.3f}")],
 }
 # tables built from another key of a benchmark's JSON: name -> (file stem, key)
 SOURCES = {"policy_latency_ratios": ("policy_latency", "ratios"), "rl_pipeline_summary": ("rl_pipeline", "summary")}
