@@ -198,7 +198,6 @@ class SACAgent:
         self.log_alpha = torch.tensor(math.log(float(c["init_temperature"])), requires_grad=True)
         self.target_entropy = -float(da) if c["target_entropy"] is None else float(c["target_entropy"])
         lr = float(c["lr"])
-        # foreach: one fused kernel per step instead of one per tensor (torch picks it on CUDA only by default)
         # fused: one C++ kernel for the whole Adam step; the same update as foreach up to float rounding (~1 ulp)
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=lr, fused=True)
         self.actor_opt = torch.optim.Adam(policy.parameters(), lr=float(c["actor_lr"] or lr), fused=True)
