@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["clear_grads", "clip_grad_norm"]
+__all__ = ["clear_grads", "clip_grad_norm", "load_fused_adam_state"]
 
 
 def clear_grads(params: Sequence[Tensor]) -> None:
@@ -34,3 +34,12 @@ def clip_grad_norm(params: Sequence[Tensor], max_norm: float) -> Tensor:
     total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
     torch._foreach_mul_(grads, torch.clamp(float(max_norm) / (total + 1e-6), max=1.0))
     return total
+
+
+def load_fused_adam_state(optimizer: torch.optim.Adam, state: dict) -> None:
+    """``optimizer.load_state_dict(state)``, keeping the fused kernel: a state saved by a foreach Adam (checkpoints
+    written before the agents went fused) carries ``foreach=True`` in its param groups, which would otherwise switch
+    the resumed run back to the slower implementation. The moments and step counts are the same in both."""
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        group["foreach"], group["fused"] = None, True

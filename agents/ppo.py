@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from distillery.agents.distill import ConsistencyHead
-from distillery.agents.grad_steps import clear_grads, clip_grad_norm
+from distillery.agents.grad_steps import clear_grads, clip_grad_norm, load_fused_adam_state
 from distillery.envs import BatchedEnv
 from distillery.policies import DiffusionPolicy, GaussianPolicy
 from distillery.policies.base import to_plain
@@ -581,7 +581,7 @@ class PPOAgent:
         state = unflatten_state(tensors, meta["train_state"])
         self.policy.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
         self.value.load_state_dict(state["value"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_fused_adam_state(self.optimizer, state["optimizer"])
         for k, r in self.obs_rms.items():
             r.load_state_dict(state["obs_rms"][k])
         self.ret_rms.load_state_dict(state["ret_rms"])

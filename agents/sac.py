@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from distillery.agents.critics import TwinQ, polyak_update
-from distillery.agents.grad_steps import clear_grads
+from distillery.agents.grad_steps import clear_grads, load_fused_adam_state
 from distillery.envs import BatchedEnv
 from distillery.policies import GaussianPolicy, Policy
 from distillery.runtime import flatten_state, load_checkpoint, resolve_checkpoint, save_run_checkpoint, unflatten_state
@@ -462,8 +462,8 @@ class SACAgent:
         self.critic_target.load_state_dict(state["critic_target"])
         with torch.no_grad():
             self.log_alpha.copy_(state["log_alpha"])
-        self.critic_opt.load_state_dict(state["critic_opt"])
-        self.actor_opt.load_state_dict(state["actor_opt"])
+        load_fused_adam_state(self.critic_opt, state["critic_opt"])
+        load_fused_adam_state(self.actor_opt, state["actor_opt"])
         self.alpha_opt.load_state_dict(state["alpha_opt"])
         self.buffer.load_state(state["buffer"])
         self.generator.set_state(state["rng"]["generator"])

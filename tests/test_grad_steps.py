@@ -1,11 +1,13 @@
 """The agents' direct gradient bookkeeping gives exactly what torch's generic wrappers give."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
-from distillery.agents.grad_steps import clear_grads, clip_grad_norm
+from distillery.agents.grad_steps import clear_grads, clip_grad_norm, load_fused_adam_state
 
 
 def _net_with_grads(scale: float) -> list[torch.Tensor]:
@@ -31,3 +33,24 @@ def test_clear_grads_sets_every_grad_to_none():
     params = _net_with_grads(1.0)
     clear_grads(params)
     assert all(p.grad is None for p in params)
+
+
+def test_foreach_adam_state_resumes_fused_with_the_same_update():
+    """A checkpoint written by a foreach Adam resumes on the fused kernel, and its next step equals foreach's."""
+    torch.manual_seed(0)
+    w0 = torch.randn(4, 3)
+    old = nn.Parameter(w0.clone())
+    saved = torch.optim.Adam([old], lr=0.1, foreach=True)
+    for _ in range(3):
+        old.grad = torch.randn(4, 3)
+        saved.step()
+    state = copy.deepcopy(saved.state_dict())  # as read back from a checkpoint: no tensors shared with `saved`
+    fused_param = nn.Parameter(old.detach().clone())
+    fused = torch.optim.Adam([fused_param], lr=0.1, fused=True)
+    load_fused_adam_state(fused, state)
+    assert fused.param_groups[0]["fused"] and not fused.param_groups[0]["foreach"]
+    grad = torch.randn(4, 3)
+    old.grad, fused_param.grad = grad, grad.clone()
+    saved.step()
+    fused.step()
+    torch.testing.assert_close(fused_param.detach(), old.detach(), rtol=1e-6, atol=1e-7)
