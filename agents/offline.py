@@ -8,11 +8,17 @@ One round on a dataset ``D``::
                  states s ~ D (uniform, or Hong et al.'s return/advantage-weighted trajectory sampling)
                  chain, logp_b <- pi_b's DDIM(eta) chain (the denoising MDP, last ft_steps recorded)
                  A = normalise(Q(s, a) - V(s)) for the executed chunk a at the end of the chain
-                 pi <- pi - lr * grad  -mean_k min(r_k A, clip(r_k) A),  r_k = pi(x_k-1|x_k) / pi_b(x_k-1|x_k)
+                 pi <- pi - lr * grad [-mean_k min(r_k A, clip(r_k) A) + bc_coef * L_IL(windows ~ D)],
+                       r_k = pi(x_k-1|x_k) / pi_b(x_k-1|x_k)
                  [consistency head: one distillation step from pi]
                  every ope_every steps: OPE gate -- accept pi as the new pi_b if
                      J(pi) - J(pi_b) >= ope_margin * |J(pi_b)|
     collect: (optional) roll out the accepted policy, append the episodes to D, next round.
+
+``L_IL`` is the policy's own imitation loss on dataset windows drawn with the same sampler: RL-100 keeps the policy
+anchored to imitation (it re-trains the IL policy on each round's data); with Hong et al.'s return weighting the
+anchor is the dataset's high-return trajectories, so a mixed dataset's systematic failures (which the in-sample
+critic may not separate from their successes) are imitated less. ``bc_coef=0`` is RL-100's plain update.
 
 The critic sees the policy's observation history (flattened) and the privileged state: a fitted-Q evaluator of the
 policy can then decode the policy's inputs from the critic's. OPE is fitted-Q evaluation (``ope=fqe``; RL-100 uses a
@@ -34,6 +40,7 @@ from distillery.agents.critics import FQE, IQL
 from distillery.agents.distill import ConsistencyHead
 from distillery.agents.ppo import ppo_clip_loss
 from distillery.data.episodes import EpisodeDataset
+from distillery.data.sequence import SequenceDataset
 from distillery.data.transitions import chunk_transitions, episode_returns
 from distillery.data.weighting import WeightedSampler, linear_advantages, transition_sampling_probs
 from distillery.policies import DiffusionPolicy
@@ -125,6 +132,7 @@ class OfflineRLAgent:
         "lr": 3e-5,
         "clip": 0.25,               # RL-100 clip_ratio
         "max_grad_norm": 0.5,
+        "bc_coef": 0.0,             # weight of the imitation loss on sampler-drawn windows in each candidate update
         "ddim_steps": 10,
         "ft_steps": None,           # None: all ddim_steps are RL actions
         "eta": 1.0,
@@ -153,6 +161,8 @@ class OfflineRLAgent:
         self.cfg = c = {**copy.deepcopy(self.DEFAULTS), **user}
         if c["sampler"] not in SAMPLERS:
             raise ValueError(f"offline.sampler={c['sampler']!r}; choose one of {list(SAMPLERS)}")
+        if float(c["bc_coef"]) < 0:
+            raise ValueError(f"offline.bc_coef={c['bc_coef']} must be >= 0 (0 = no imitation term)")
         if c["ope"] not in OPE_KINDS:
             raise ValueError(f"offline.ope={c['ope']!r}; choose one of {list(OPE_KINDS)}")
         if not isinstance(policy, DiffusionPolicy) or policy.name != "diffusion":
@@ -178,6 +188,10 @@ class OfflineRLAgent:
         ds = EpisodeDataset(self.dataset_path)
         self.features = PolicyFeatures(ds, self.policy, str(self.cfg["critic_obs"]))
         self.transitions = build_transitions(ds, self.features, self.policy.action_horizon, float(self.cfg["gamma"]))
+        p = self.policy
+        # windows of every dataset row (global row index = window index) for the imitation term
+        self.windows = SequenceDataset(ds, p.obs_keys, p.obs_horizon, p.pred_horizon) \
+            if float(self.cfg["bc_coef"]) > 0 else None
         self.sampler = None
         mode = self.cfg["sampler"]
         if mode != "uniform":
@@ -246,6 +260,10 @@ class OfflineRLAgent:
             adv_n = (adv - adv.mean()) / (adv.std() + 1e-8)
         self.policy.train()
         loss, metrics = chain_ppo_loss(self.policy, nobs, chain, old, adv_n, self.mdp, float(c["clip"]))
+        if self.windows is not None:  # the imitation anchor, on windows drawn with the same (weighted) sampler
+            bc_loss, _ = self.policy.loss(self.windows.sample_batch(self.transitions["row"][self._rows(len(obs))]))
+            loss = loss + float(c["bc_coef"]) * bc_loss
+            metrics["bc_loss"] = float(bc_loss.detach())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), float(c["max_grad_norm"]))

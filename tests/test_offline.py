@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from distillery.agents.critics import IQL
 from distillery.agents.offline import OfflineRLAgent
 from distillery.cli import main
 from distillery.evaluate import load_policy
@@ -53,3 +54,33 @@ def test_the_ope_gate_keeps_the_behaviour_policy_unless_a_candidate_passes(bc_ru
     assert saved.cfg["sampler"] == "ddim:2:eta=1"
     _, meta = load_checkpoint(root / f"always_{sampler}" / "checkpoints" / "last")
     assert meta["offline_history"][0]["accepted_at"] == 4
+
+
+def test_the_imitation_term_draws_its_windows_with_the_return_weighting(bc_run):
+    """bc_coef > 0 adds the policy's imitation loss on windows drawn by the trajectory sampler: at a tiny return
+    temperature every window comes from the highest-return episode; bc_coef = 0 builds no windows at all."""
+    import numpy as np
+
+    from distillery.data.episodes import EpisodeDataset
+    from distillery.data.transitions import episode_returns
+
+    root, data = bc_run
+    plain = _agent(root, data, "plain", ope_margin=1e9)
+    plain._load_data()
+    assert plain.windows is None
+    agent = _agent(root, data, "anchored", ope_margin=1e9, bc_coef=1.0, sampler="return", sampler_temperature=1e-3)
+    agent._load_data()
+    agent.critic = IQL(agent.transitions["obs"].shape[1], agent.transitions["action"].shape[1], (16,), 0.7, 0.99)
+    drawn = []
+    real = agent.windows.sample_batch
+    agent.windows.sample_batch = lambda rows: drawn.append(torch.as_tensor(rows).clone()) or real(rows)
+    metrics = agent.ppo_step(agent.accepted)
+    ds = EpisodeDataset(data)
+    best = int(np.argmax(episode_returns(ds, 0.99)))
+    rows = torch.cat(drawn)
+    episode = np.searchsorted(ds.episode_ends, rows.numpy(), side="right")
+    assert len(rows) == 8 and (episode == best).all()
+    # the reported imitation loss is the policy's own loss on such windows (a denoising MSE of order 1)
+    assert 0.0 < metrics["bc_loss"] < 10.0
+    with pytest.raises(ValueError, match="bc_coef"):
+        _agent(root, data, "bad", bc_coef=-1.0)
