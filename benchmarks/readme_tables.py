@@ -14,6 +14,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
+# Column key of the results file a row came from: "main" for NAME.json, "SUFFIX" for NAME_SUFFIX.json (a variant run
+# whose rows would otherwise read like the main run's).
+RUN = "_run"
+
 COLUMNS = {
     "imitation": [("task", "task", "{}"), ("policy", "policy", "{}"), ("sampler", "sampler", "{}"),
                   ("success", "success_rate", "{:.3f}"), ("95% CI", "success_ci95", "[{0[0]:.2f}, {0[1]:.2f}]"),
@@ -31,10 +35,10 @@ COLUMNS = {
     "export_latency": [("policy", "policy", "{}"), ("sampler", "sampler", "{}"), ("params", "params", "{:,}"),
                        ("torch ms", "torch_ms_p50", "{:.3f}"), ("onnxruntime ms", "onnxruntime_ms_p50", "{:.3f}"),
                        ("speedup", "speedup", "{:.2f}"), ("max abs diff", "max_abs_diff", "{:.1e}")],
-    "rl_pipeline": [("task", "task", "{}"), ("stage", "stage", "{}"), ("success", "success_rate", "{:.3f}"),
+    "rl_pipeline": [("run", RUN, "{}"), ("task", "task", "{}"), ("stage", "stage", "{}"), ("success", "success_rate", "{:.3f}"),
                     ("95% CI", "success_ci95", "[{0[0]:.2f}, {0[1]:.2f}]"), ("episodes", "episodes", "{}"),
                     ("sampler", "sampler", "{}"), ("stage wall s", "wall_s", "{:.0f}")],
-    "rl_pipeline_summary": [("task", "task", "{}"), ("offline - bc", "offline_minus_bc", "{:+.3f}"),
+    "rl_pipeline_summary": [("run", RUN, "{}"), ("task", "task", "{}"), ("offline - bc", "offline_minus_bc", "{:+.3f}"),
                             ("online", "online", "{:.3f}"), ("one step", "one_step", "{:.3f}"),
                             ("pipeline h", "pipeline_wall_h", "{:.2f}"), ("targets met", "met", "{}")],
     "sb3_comparison": [("task", "task", "{}"), ("agent", "agent", "{}"), ("envs", "num_envs", "{}"),
@@ -69,8 +73,10 @@ def table(name: str) -> str:
         # a benchmark whose rows per task may come from separate invocations records each one's argv
         commands += [f"python benchmarks/{data['benchmark']}.py " + " ".join(s["argv"])
                      for s in data.get("summary", []) if "argv" in s]
+        run = f.stem[len(stem):].lstrip("_") or "main"
         for row in data.get(key, []):
-            lines.append("| " + " | ".join(fmt.format(row[key]) if key in row else "" for _, key, fmt in cols) + " |")
+            row = {RUN: run, **row}
+            lines.append("| " + " | ".join(fmt.format(row[c]) if c in row else "" for _, c, fmt in cols) + " |")
     src = ", ".join(f"`{f.relative_to(ROOT)}`" for f in files)
     return "\n".join(lines) + f"\n\n<sub>Generated from {src}" + \
         (f" by `{'`, `'.join(dict.fromkeys(commands))}`" if commands else "") + ".</sub>"
