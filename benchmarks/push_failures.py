@@ -9,9 +9,13 @@ Classes of a failed (timed-out) episode, from its last observation:
   * ``out_of_reach``: the cube is past the pusher's workspace (``|x|`` or ``|y|`` beyond ``WORKSPACE_HALF`` less
     the pusher's and the cube's half widths), where the pusher can no longer get behind it;
   * ``elsewhere``: any other position miss.
+Across the classes, ``left_goal`` counts the failed episodes whose cube was on the goal position at some step (it
+got there, wrong in yaw, and either stayed or was pushed off again while the policy tried to turn it): the share of
+failures that orientation alone explains.
 Every case is played on the same seeded episodes, with the sampler after ``@`` or its checkpoint's default one.
-JSON rows: ``case``, ``checkpoint``, ``sampler``, ``episodes``, ``success_rate`` and the share of episodes in
-each class.
+JSON rows: ``case``, ``checkpoint``, ``sampler``, ``episodes``, ``success_rate``, the share of episodes in each
+class, and ``reached_goal_position`` (failed episodes whose cube was on the goal position at some step, as a share of
+all episodes).
 """
 from __future__ import annotations
 
@@ -41,6 +45,11 @@ def classify(state: np.ndarray) -> str:
     return "out_of_reach" if float(np.abs(cube).max()) > REACH else "elsewhere"
 
 
+def reached_goal_position(states: np.ndarray) -> bool:
+    """Whether the cube centre was within the position tolerance of the goal at any step of ``states`` (T, 10)."""
+    return bool((np.hypot(*(states[:, 6:8] - states[:, 2:4]).T) < POS_TOL).any())
+
+
 def failure_modes(checkpoint: str, episodes: int, seed: int, sampler: str | None, num_envs: int) -> dict:
     policy, meta = load_policy(checkpoint)
     task = meta["config"]["task"]
@@ -50,10 +59,11 @@ def failure_modes(checkpoint: str, episodes: int, seed: int, sampler: str | None
     played = [ep for wave in run_waves(env, PolicyActor(policy, sampler, seed), episodes, seed, record=True)
               for ep in wave]
     env.close()
-    counts = dict.fromkeys(CLASSES, 0)
+    counts = dict.fromkeys((*CLASSES, "reached_goal_position"), 0)
     for ep in played:
         if not ep.success:
             counts[classify(ep.obs["state"][-1])] += 1
+            counts["reached_goal_position"] += reached_goal_position(ep.obs["state"])
     n = len(played)
     return {"checkpoint": checkpoint, "sampler": sampler or policy.default_sampler.text, "episodes": n,
             "success_rate": sum(ep.success for ep in played) / n, **{k: v / n for k, v in counts.items()}}
@@ -75,10 +85,11 @@ def main() -> None:
     for label, spec in cases:
         path, _, sampler = spec.partition("@")
         rows.append({"case": label, **failure_modes(path, args.episodes, args.seed, sampler or None, args.num_envs)})
-    print(f"{'case':<10} {'sampler':<14} {'episodes':>8} {'success':>8} " + " ".join(f"{c:>13}" for c in CLASSES))
+    columns = (*CLASSES, "reached_goal_position")
+    print(f"{'case':<10} {'sampler':<14} {'episodes':>8} {'success':>8} " + " ".join(f"{c:>21}" for c in columns))
     for r in rows:
         print(f"{r['case']:<10} {r['sampler']:<14} {r['episodes']:>8} {r['success_rate']:>8.3f} "
-              + " ".join(f"{r[c]:>13.3f}" for c in CLASSES))
+              + " ".join(f"{r[c]:>21.3f}" for c in columns))
     if args.json:
         atomic_write_text(args.json, json.dumps({"benchmark": "push_failures", "seed": args.seed,
                                                  "argv": sys.argv[1:], "rows": rows},

@@ -50,7 +50,8 @@ COLUMNS = {
     "push_failures": [("case", "case", "{}"), ("sampler", "sampler", "{}"), ("episodes", "episodes", "{}"),
                       ("success", "success_rate", "{:.3f}"), ("failed: wrong yaw at the goal", "wrong_yaw", "{:.3f}"),
                       ("failed: cube out of reach", "out_of_reach", "{:.3f}"),
-                      ("failed: elsewhere", "elsewhere", "{:.3f}")],
+                      ("failed: elsewhere", "elsewhere", "{:.3f}"),
+                      ("failed, the cube on the goal position at some step", "reached_goal_position", "{:.3f}")],
 }
 # tables built from another key of a benchmark's JSON: name -> (file stem, key)
 SOURCES = {"policy_latency_ratios": ("policy_latency", "ratios"), "rl_pipeline_summary": ("rl_pipeline", "summary")}
