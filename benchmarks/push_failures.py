@@ -9,7 +9,7 @@ Classes of a failed (timed-out) episode, from its last observation:
   * ``out_of_reach``: the cube is past the pusher's workspace (``|x|`` or ``|y|`` beyond ``WORKSPACE_HALF`` less
     the pusher's and the cube's half widths), where the pusher can no longer get behind it;
   * ``elsewhere``: any other position miss.
-Across the classes, ``left_goal`` counts the failed episodes whose cube was on the goal position at some step (it
+Across the classes, ``reached_goal_position`` counts the failed episodes whose cube was on the goal position at some step (it
 got there, wrong in yaw, and either stayed or was pushed off again while the policy tried to turn it): the share of
 failures that orientation alone explains.
 Every case is played on the same seeded episodes, with the sampler after ``@`` or its checkpoint's default one.
@@ -34,6 +34,8 @@ from distillery.runtime import atomic_write_text
 
 REACH = WORKSPACE_HALF - PUSHER_RADIUS - CUBE_HALF  # a cube centre beyond this cannot be pushed back inwards
 CLASSES = ("wrong_yaw", "out_of_reach", "elsewhere")
+# the shares each row reports: one per class, plus the failures that reached the goal position in any class
+SHARES = (*CLASSES, "reached_goal_position")
 
 
 def classify(state: np.ndarray) -> str:
@@ -59,7 +61,7 @@ def failure_modes(checkpoint: str, episodes: int, seed: int, sampler: str | None
     played = [ep for wave in run_waves(env, PolicyActor(policy, sampler, seed), episodes, seed, record=True)
               for ep in wave]
     env.close()
-    counts = dict.fromkeys((*CLASSES, "reached_goal_position"), 0)
+    counts = dict.fromkeys(SHARES, 0)
     for ep in played:
         if not ep.success:
             counts[classify(ep.obs["state"][-1])] += 1
@@ -85,11 +87,10 @@ def main() -> None:
     for label, spec in cases:
         path, _, sampler = spec.partition("@")
         rows.append({"case": label, **failure_modes(path, args.episodes, args.seed, sampler or None, args.num_envs)})
-    columns = (*CLASSES, "reached_goal_position")
-    print(f"{'case':<10} {'sampler':<14} {'episodes':>8} {'success':>8} " + " ".join(f"{c:>21}" for c in columns))
+    print(f"{'case':<10} {'sampler':<14} {'episodes':>8} {'success':>8} " + " ".join(f"{c:>21}" for c in SHARES))
     for r in rows:
         print(f"{r['case']:<10} {r['sampler']:<14} {r['episodes']:>8} {r['success_rate']:>8.3f} "
-              + " ".join(f"{r[c]:>21.3f}" for c in columns))
+              + " ".join(f"{r[c]:>21.3f}" for c in SHARES))
     if args.json:
         atomic_write_text(args.json, json.dumps({"benchmark": "push_failures", "seed": args.seed,
                                                  "argv": sys.argv[1:], "rows": rows},
