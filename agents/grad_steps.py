@@ -37,9 +37,12 @@ def clip_grad_norm(params: Sequence[Tensor], max_norm: float) -> Tensor:
 
 
 def load_fused_adam_state(optimizer: torch.optim.Adam, state: dict) -> None:
-    """``optimizer.load_state_dict(state)``, keeping the fused kernel: a state saved by a foreach Adam (checkpoints
-    written before the agents went fused) carries ``foreach=True`` in its param groups, which would otherwise switch
-    the resumed run back to the slower implementation. The moments and step counts are the same in both."""
+    """``optimizer.load_state_dict(state)``, keeping the fused kernel and the learning rates ``optimizer`` was built
+    with. A state saved by a foreach Adam (checkpoints written before the agents went fused) carries
+    ``foreach=True`` in its param groups, which would otherwise switch the resumed run back to the slower
+    implementation; the moments and step counts are the same in both. The rates come from the run's config, so a
+    resumed run whose config.yaml was edited (a lower rate for a long tail) trains at the new rates."""
+    rates = [group["lr"] for group in optimizer.param_groups]
     optimizer.load_state_dict(state)
-    for group in optimizer.param_groups:
-        group["foreach"], group["fused"] = None, True
+    for group, lr in zip(optimizer.param_groups, rates):
+        group["foreach"], group["fused"], group["lr"] = None, True, lr

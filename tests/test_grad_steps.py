@@ -54,3 +54,24 @@ def test_foreach_adam_state_resumes_fused_with_the_same_update():
     saved.step()
     fused.step()
     torch.testing.assert_close(fused_param.detach(), old.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_a_resumed_adam_keeps_the_moments_but_takes_the_rate_of_the_edited_config():
+    """Resuming with a lowered learning rate in config.yaml: the saved moments continue, the step uses the new rate."""
+    torch.manual_seed(0)
+    old = nn.Parameter(torch.randn(4, 3))
+    saved = torch.optim.Adam([old], lr=0.1, fused=True)
+    for _ in range(3):
+        old.grad = torch.randn(4, 3)
+        saved.step()
+    state = copy.deepcopy(saved.state_dict())
+    resumed_param = nn.Parameter(old.detach().clone())
+    resumed = torch.optim.Adam([resumed_param], lr=0.01, fused=True)  # built from the edited config
+    load_fused_adam_state(resumed, state)
+    assert resumed.param_groups[0]["lr"] == 0.01
+    saved.param_groups[0]["lr"] = 0.01  # the reference: the saved optimizer, its rate lowered by hand
+    grad = torch.randn(4, 3)
+    old.grad, resumed_param.grad = grad, grad.clone()
+    saved.step()
+    resumed.step()
+    torch.testing.assert_close(resumed_param.detach(), old.detach(), rtol=1e-6, atol=1e-7)
