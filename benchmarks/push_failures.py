@@ -13,9 +13,16 @@ Across the classes, ``reached_goal_position`` counts the failed episodes whose c
 got there, wrong in yaw, and either stayed or was pushed off again while the policy tried to turn it): the share of
 failures that orientation alone explains.
 Every case is played on the same seeded episodes, with the sampler after ``@`` or its checkpoint's default one.
-JSON rows: ``case``, ``checkpoint``, ``sampler``, ``episodes``, ``success_rate``, the share of episodes in each
-class, and ``reached_goal_position`` (failed episodes whose cube was on the goal position at some step, as a share of
-all episodes).
+``--case LABEL=expert`` plays the scripted expert without mistakes or noise: what the reset distribution allows.
+
+``--repeats K`` plays each case K times on the same episodes with K sampler seeds, to tell whether a policy fails
+in particular start states (the same episodes fail every time) or by chance (failures independent of the state,
+so an episode fails every time only at the product of the repeats' failure rates).
+
+JSON rows: ``case``, ``checkpoint``, ``sampler``, ``episodes`` (per repeat), ``repeats``, ``success_rate`` (over all
+repeats), ``success_per_repeat``, the share of played episodes in each class, ``reached_goal_position`` (failed
+episodes whose cube was on the goal position at some step, as a share of all played episodes), and with K > 1
+``failed_in_every_repeat`` (share of start states) beside ``failed_in_every_if_by_chance`` (the product).
 """
 from __future__ import annotations
 
@@ -27,6 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from distillery.envs.tasks.push_cube.task import CUBE_HALF, POS_TOL, PUSHER_RADIUS, WORKSPACE_HALF
+from distillery import config as config_mod
+from distillery.envs import make_expert
 from distillery.evaluate import PolicyActor, load_policy
 from distillery.pipeline import env_from_config
 from distillery.rollout import run_waves
@@ -52,23 +61,37 @@ def reached_goal_position(states: np.ndarray) -> bool:
     return bool((np.hypot(*(states[:, 6:8] - states[:, 2:4]).T) < POS_TOL).any())
 
 
-def failure_modes(checkpoint: str, episodes: int, seed: int, sampler: str | None, num_envs: int) -> dict:
-    policy, meta = load_policy(checkpoint)
-    task = meta["config"]["task"]
-    if task["name"] != "push_cube":
-        raise ValueError(f"{checkpoint} was trained on {task['name']!r}; this benchmark classifies push_cube failures")
-    env = env_from_config(task, min(num_envs, episodes), seed)
-    played = [ep for wave in run_waves(env, PolicyActor(policy, sampler, seed), episodes, seed, record=True)
-              for ep in wave]
-    env.close()
+def failure_modes(checkpoint: str, episodes: int, seed: int, sampler: str | None, num_envs: int,
+                  repeats: int = 1) -> dict:
+    if checkpoint == "expert":
+        policy, task = None, config_mod.compose(["task=push_cube"]).task
+    else:
+        policy, meta = load_policy(checkpoint)
+        task = meta["config"]["task"]
+        if task["name"] != "push_cube":
+            raise ValueError(f"{checkpoint} was trained on {task['name']!r}; this benchmark classifies push_cube "
+                             f"failures")
     counts = dict.fromkeys(SHARES, 0)
-    for ep in played:
-        if not ep.success:
-            counts[classify(ep.obs["state"][-1])] += 1
-            counts["reached_goal_position"] += reached_goal_position(ep.obs["state"])
-    n = len(played)
-    return {"checkpoint": checkpoint, "sampler": sampler or policy.default_sampler.text, "episodes": n,
-            "success_rate": sum(ep.success for ep in played) / n, **{k: v / n for k, v in counts.items()}}
+    success = []  # (repeats, episodes)
+    for k in range(repeats):
+        env = env_from_config(task, min(num_envs, episodes), seed)  # the same start states every repeat
+        actor = (make_expert("push_cube", env.num_envs, seed=seed) if policy is None
+                 else PolicyActor(policy, sampler, seed + k))
+        played = [ep for wave in run_waves(env, actor, episodes, seed, record=True) for ep in wave]
+        env.close()
+        for ep in played:
+            if not ep.success:
+                counts[classify(ep.obs["state"][-1])] += 1
+                counts["reached_goal_position"] += reached_goal_position(ep.obs["state"])
+        success.append([bool(ep.success) for ep in played])
+    won = np.array(success)
+    row = {"checkpoint": checkpoint, "sampler": "expert" if policy is None else sampler or policy.default_sampler.text,
+           "episodes": won.shape[1], "repeats": repeats, "success_rate": float(won.mean()),
+           "success_per_repeat": [float(r) for r in won.mean(axis=1)], **{k: v / won.size for k, v in counts.items()}}
+    if repeats > 1:
+        row["failed_in_every_repeat"] = float((~won).all(axis=0).mean())
+        row["failed_in_every_if_by_chance"] = float((1.0 - won.mean(axis=1)).prod())
+    return row
 
 
 def main() -> None:
@@ -77,20 +100,25 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=200)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--num-envs", type=int, default=100)
+    ap.add_argument("--repeats", type=int, default=1, help="plays of each case on the same episodes, sampler seeds "
+                                                          "seed, seed+1, ...")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     cases = [c.split("=", 1) for c in args.case]
-    if any(len(c) != 2 for c in cases) or args.episodes < 1:
-        ap.error("--case takes LABEL=CHECKPOINT[@SAMPLER], e.g. --case bc=runs/pipeline/push_cube/bc@ddim:5:eta=1; "
-                 "--episodes >= 1")
+    if any(len(c) != 2 for c in cases) or args.episodes < 1 or args.repeats < 1:
+        ap.error("--case takes LABEL=CHECKPOINT[@SAMPLER] or LABEL=expert, e.g. --case "
+                 "bc=runs/pipeline/push_cube/bc@ddim:5:eta=1; --episodes and --repeats >= 1")
     rows = []
     for label, spec in cases:
         path, _, sampler = spec.partition("@")
-        rows.append({"case": label, **failure_modes(path, args.episodes, args.seed, sampler or None, args.num_envs)})
-    print(f"{'case':<10} {'sampler':<14} {'episodes':>8} {'success':>8} " + " ".join(f"{c:>21}" for c in SHARES))
+        rows.append({"case": label, **failure_modes(path, args.episodes, args.seed, sampler or None, args.num_envs,
+                                                    args.repeats)})
+    every = ("failed_in_every_repeat", "failed_in_every_if_by_chance") if args.repeats > 1 else ()
+    print(f"{'case':<10} {'sampler':<14} {'episodes':>8} {'success':>8} "
+          + " ".join(f"{c:>21}" for c in (*SHARES, *every)))
     for r in rows:
         print(f"{r['case']:<10} {r['sampler']:<14} {r['episodes']:>8} {r['success_rate']:>8.3f} "
-              + " ".join(f"{r[c]:>21.3f}" for c in SHARES))
+              + " ".join(f"{r[c]:>21.3f}" for c in (*SHARES, *every)))
     if args.json:
         atomic_write_text(args.json, json.dumps({"benchmark": "push_failures", "seed": args.seed,
                                                  "argv": sys.argv[1:], "rows": rows},

@@ -51,7 +51,10 @@ COLUMNS = {
                       ("success", "success_rate", "{:.3f}"), ("failed: wrong yaw at the goal", "wrong_yaw", "{:.3f}"),
                       ("failed: cube out of reach", "out_of_reach", "{:.3f}"),
                       ("failed: elsewhere", "elsewhere", "{:.3f}"),
-                      ("failed, the cube on the goal position at some step", "reached_goal_position", "{:.3f}")],
+                      ("failed, the cube on the goal position at some step", "reached_goal_position", "{:.3f}"),
+                      ("repeats", "repeats", "{}"),
+                      ("start states failed in every repeat", "failed_in_every_repeat", "{:.3f}"),
+                      ("... if failures were chance", "failed_in_every_if_by_chance", "{:.4f}")],
 }
 # tables built from another key of a benchmark's JSON: name -> (file stem, key)
 SOURCES = {"policy_latency_ratios": ("policy_latency", "ratios"), "rl_pipeline_summary": ("rl_pipeline", "summary")}
