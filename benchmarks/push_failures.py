@@ -33,9 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-from distillery.envs.tasks.push_cube.task import CUBE_HALF, POS_TOL, PUSHER_RADIUS, WORKSPACE_HALF
 from distillery import config as config_mod
 from distillery.envs import make_expert
+from distillery.envs.tasks.push_cube.task import CUBE_HALF, POS_TOL, PUSHER_RADIUS, WORKSPACE_HALF
 from distillery.evaluate import PolicyActor, load_policy
 from distillery.pipeline import env_from_config
 from distillery.rollout import run_waves
