@@ -30,10 +30,12 @@ A warm-started policy keeps the statistics its checkpoint brought.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -144,7 +146,8 @@ class SACAgent:
         env: ``N`` batched envs; the agent owns their episodes (it resets them).
         run_dir: checkpoints go to ``run_dir/checkpoints/step_*/`` (step = env transitions), ``last`` -> newest.
         logger: anything with ``log(metrics, step)`` and ``progress(total, desc)``.
-        seed: seeds the agent's generator (buffer sampling, policy noise, random actions) and the env resets.
+        seed: seeds the agent's two generators (updates: replay sampling, policy noise; acting: random actions,
+            exploration noise) and the env resets.
         evaluate: optional ``f(policy) -> metrics`` every ``cfg.eval_every`` env steps (deterministic actions are
             the caller's choice: pass ``sampler="mean"`` to the evaluation). Must not use ``env``.
         meta: extra JSON metadata stored in every checkpoint.
@@ -174,6 +177,9 @@ class SACAgent:
         "eval_every": 0,
         "checkpoint_every": 80_000,
         "save_buffer": True,        # False: a resume refills the buffer with the current policy, no updates
+        # True: a batched step's updates run on a worker thread during the next env step (the action sent then
+        # was chosen one step's updates earlier); False: strictly alternate, as SB3 does
+        "overlap_updates": True,
     }
 
     def __init__(self, cfg: Mapping[str, Any] | None, policy: GaussianPolicy, env: BatchedEnv, run_dir: str | Path,
@@ -205,7 +211,11 @@ class SACAgent:
         self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=float(c["temperature_lr"] or lr))
         self.buffer = ReplayBuffer(int(c["buffer_size"]), {k: tuple(env.observation_spec[k].shape)
                                                            for k in self.obs_keys}, da)
+        # two streams, so the updates (replay sampling, target and actor noise) and the acting (random actions,
+        # exploration noise) draw the same numbers whether or not they overlap in time
         self.generator = torch.Generator().manual_seed(self.seed)
+        self.act_generator = torch.Generator().manual_seed(
+            int(np.random.SeedSequence([self.seed, 1]).generate_state(1)[0]))
         self.env_step = 0    # env transitions collected (N per batched step)
         self.updates = 0     # gradient updates done
         self._owed = 0.0     # fractional updates carried over (utd_ratio < 1 or non-integer)
@@ -332,9 +342,9 @@ class SACAgent:
         """Exploration action ``(N, Da)`` in [-1, 1]: uniform in the random phase, else a draw from pi."""
         n = self.num_envs
         if self.env_step < self.random_until:
-            return torch.rand(n, self.policy.action_dim, generator=self.generator) * 2.0 - 1.0
+            return torch.rand(n, self.policy.action_dim, generator=self.act_generator) * 2.0 - 1.0
         nobs, _ = self.features(obs)
-        return self.policy.sample_and_log_prob(nobs, self.generator)[0]
+        return self.policy.sample_and_log_prob(nobs, self.act_generator)[0]
 
     def _fit_normalizer(self) -> None:
         """Freeze mean/std of the buffer's observations into the policy (once, before the first update)."""
@@ -356,51 +366,74 @@ class SACAgent:
         n_upd, returns, successes = 0, [], []
         bar = self.logger.progress(total, desc="sac")
         bar.update(self.env_step)
-        while self.env_step < total:
-            t0 = time.perf_counter()
-            if not bool(self.policy.normalizer.fitted) and self.env_step >= self.random_until:
-                self._fit_normalizer()  # the random phase is over: its data fixes the observation statistics
-            action = self.act(self._obs)
-            obs_next, reward, terminated, truncated, info = self.env.step(
-                self.policy.normalizer.unnormalize("action", action))
-            # info["final_obs"] is s' for every env (the pre-reset obs of finished ones, obs of the others)
-            self.buffer.add(self._obs, action, reward, info["final_obs"], terminated)
-            done = terminated | truncated
-            self._ep_return += reward.float()
-            if bool(done.any()):
-                returns += self._ep_return[done].tolist()
-                successes += terminated[done].float().tolist()
-                self._ep_return[done] = 0.0
-            self._obs = obs_next
-            self.env_step += self.num_envs
-            t1 = time.perf_counter()
-            self._timers["env_s"] += t1 - t0
-            if self.env_step > self.collect_until:  # the first collect_until transitions only fill the buffer
-                self._owed += utd
-                for _ in range(int(self._owed)):
-                    for k, v in self.update().items():
-                        sums[k] = sums.get(k, 0.0) + v
-                    n_upd += 1
-                self._owed -= int(self._owed)
-                self._timers["update_s"] += time.perf_counter() - t1
-            bar.update(self.num_envs)
-            if self._crossed(c["log_every"]) or self.env_step >= total:
-                metrics = {f"train/{k}": v / n_upd for k, v in sums.items()}
-                metrics.update(self.speed())
-                if returns:
-                    metrics["rollout/return"] = float(np.mean(returns))
-                    metrics["rollout/success"] = float(np.mean(successes))
-                metrics["train/updates"] = float(self.updates)
-                self.logger.log(metrics, self.env_step)
-                sums, n_upd, returns, successes = {}, 0, [], []
-            if self.evaluate is not None and self._crossed(c["eval_every"]):
-                self.policy.eval()
-                self.logger.log({f"eval/{k}": v for k, v in self.evaluate(self.policy).items()}, self.env_step)
-                self.policy.train()
-            if self._crossed(c["checkpoint_every"]) or self.env_step >= total:
-                self.save()
+        # overlap_updates: one worker thread runs the gradient updates while the envs step (see below)
+        with (ThreadPoolExecutor(1, thread_name_prefix="sac-updates") if c["overlap_updates"]
+              else contextlib.nullcontext()) as pool:
+            while self.env_step < total:
+                t0 = time.perf_counter()
+                if not bool(self.policy.normalizer.fitted) and self.env_step >= self.random_until:
+                    self._fit_normalizer()  # the random phase is over: its data fixes the observation statistics
+                action = self.act(self._obs)
+                # Overlap: the updates owed for the data so far run on a worker thread while the envs step (MuJoCo and
+                # torch kernels release the GIL). They sample only rows already in the buffer, and the next action
+                # waits for them, so the one difference from strict alternation is that the action just sent was
+                # chosen one step's updates earlier.
+                owed = int(self._owed) if pool is not None else 0
+                job = pool.submit(self._run_updates, owed) if owed else None
+                obs_next, reward, terminated, truncated, info = self.env.step(
+                    self.policy.normalizer.unnormalize("action", action))
+                self._timers["env_s"] += time.perf_counter() - t0
+                if job is not None:
+                    n_upd += self._add_metrics(sums, job.result())
+                    self._owed -= owed
+                # info["final_obs"] is s' for every env (the pre-reset obs of finished ones, obs of the others)
+                self.buffer.add(self._obs, action, reward, info["final_obs"], terminated)
+                done = terminated | truncated
+                self._ep_return += reward.float()
+                if bool(done.any()):
+                    returns += self._ep_return[done].tolist()
+                    successes += terminated[done].float().tolist()
+                    self._ep_return[done] = 0.0
+                self._obs = obs_next
+                self.env_step += self.num_envs
+                if self.env_step > self.collect_until:  # the first collect_until transitions only fill the buffer
+                    self._owed += utd
+                if pool is None or self.env_step >= total:  # alternating, or the last step: update now
+                    owed = int(self._owed)
+                    n_upd += self._add_metrics(sums, self._run_updates(owed))
+                    self._owed -= owed
+                bar.update(self.num_envs)
+                if self._crossed(c["log_every"]) or self.env_step >= total:
+                    metrics = {f"train/{k}": v / n_upd for k, v in sums.items()}
+                    metrics.update(self.speed())
+                    if returns:
+                        metrics["rollout/return"] = float(np.mean(returns))
+                        metrics["rollout/success"] = float(np.mean(successes))
+                    metrics["train/updates"] = float(self.updates)
+                    self.logger.log(metrics, self.env_step)
+                    sums, n_upd, returns, successes = {}, 0, [], []
+                if self.evaluate is not None and self._crossed(c["eval_every"]):
+                    self.policy.eval()
+                    self.logger.log({f"eval/{k}": v for k, v in self.evaluate(self.policy).items()}, self.env_step)
+                    self.policy.train()
+                if self._crossed(c["checkpoint_every"]) or self.env_step >= total:
+                    self.save()
         bar.close()
         return metrics
+
+    def _run_updates(self, n: int) -> list[dict[str, float]]:
+        """``n`` gradient updates in a row (timed as update time); their metrics."""
+        t0 = time.perf_counter()
+        out = [self.update() for _ in range(n)]
+        self._timers["update_s"] += time.perf_counter() - t0
+        return out
+
+    @staticmethod
+    def _add_metrics(sums: dict[str, float], metrics: list[dict[str, float]]) -> int:
+        for m in metrics:
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + v
+        return len(metrics)
 
     def _crossed(self, every: Any) -> bool:
         """Whether the last batched step passed a multiple of ``every`` transitions (never for 0)."""
@@ -426,7 +459,7 @@ class SACAgent:
             "actor_opt": self.actor_opt.state_dict(),
             "alpha_opt": self.alpha_opt.state_dict(),
             "buffer": self.buffer.state(bool(self.cfg["save_buffer"])),
-            "rng": {"generator": self.generator.get_state()},
+            "rng": {"generator": self.generator.get_state(), "act_generator": self.act_generator.get_state()},
             "counters": {"env_step": self.env_step, "updates": self.updates, "owed": self._owed,
                          "collect_until": self.collect_until, "random_until": self.random_until},
         }
@@ -467,6 +500,8 @@ class SACAgent:
         self.alpha_opt.load_state_dict(state["alpha_opt"])
         self.buffer.load_state(state["buffer"])
         self.generator.set_state(state["rng"]["generator"])
+        if "act_generator" in state["rng"]:  # checkpoints before the split drew actions from `generator`
+            self.act_generator.set_state(state["rng"]["act_generator"])
         cnt = state["counters"]
         self.env_step, self.updates, self._owed = int(cnt["env_step"]), int(cnt["updates"]), float(cnt["owed"])
         self.collect_until, self.random_until = int(cnt["collect_until"]), int(cnt["random_until"])

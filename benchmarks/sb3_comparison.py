@@ -17,8 +17,10 @@ return normalisation (ours built in; SB3 via VecNormalize). SAC -- ReLU MLP 256x
 0.99, tau 0.005, one gradient step per batched env step, automatic temperature from 0.1, target entropy -Da, the
 same number (4000) of uniform-random warm-up transitions; observation normalisation (ours: fitted once from the warm-up
 data; SB3: VecNormalize running obs stats, rewards unscaled). Our SAC critics use LayerNorm (its default), SB3's
-do not. ``env_steps`` counts transitions summed over envs; steps/s is ``env_steps`` over training wall time
-(collection + updates), torch on one thread.
+do not. Our SAC runs each batched step's gradient updates on a worker thread while the envs take the next step
+(``overlap_updates``, its default; its action then lags one step of updates), SB3's alternates.
+``env_steps`` counts transitions summed over envs; steps/s is ``env_steps`` over training wall time (collection +
+updates), torch on one intra-op thread.
 """
 from __future__ import annotations
 
@@ -40,6 +42,8 @@ from distillery.rollout import run_waves, summarize
 from distillery.runtime import atomic_write_text
 
 AGENTS = ("distillery-ppo", "sb3-ppo", "distillery-sac", "sb3-sac")
+# on request only: our SAC with overlap_updates=false, to measure what the overlap buys in the same run
+ABLATIONS = ("distillery-sac-alternating",)
 PPO_SHARED = {"num_steps": 64, "minibatch_size": 256, "epochs": 10, "lr": 3e-4, "gamma": 0.99, "gae_lambda": 0.95,
               "clip": 0.2, "max_grad_norm": 0.5, "hidden": [64, 64], "init_log_std": -0.5}
 SAC_SHARED = {"hidden": [256, 256], "batch_size": 256, "lr": 3e-4, "gamma": 0.99, "tau": 0.005,
@@ -90,6 +94,7 @@ def _train_ours(agent_name: str, task: str, env_steps: int, num_envs: int, seed:
                              {"hidden": s["hidden"], "activation": "relu", "squash": True, "state_std": True})
         cfg = {k: v for k, v in s.items() if k != "hidden"}
         agent = SACAgent({**cfg, "env_steps": env_steps, "critic_hidden": s["hidden"],
+                          "overlap_updates": agent_name != "distillery-sac-alternating",
                           "checkpoint_every": 10 ** 9, "log_every": 10 ** 9}, policy, env, run_dir, _Quiet(),
                          seed=seed)
     agent.train()
@@ -156,7 +161,7 @@ def add_ratios(rows: list[dict]) -> None:
     for r in rows:
         if not r["agent"].startswith("distillery"):
             continue
-        algo = r["agent"].split("-", 1)[1]
+        algo = r["agent"].split("-")[1]
         batched = by_agent.get((f"sb3-{algo}", "batched"))
         ref = by_agent.get((f"sb3-{algo}", "dummy"), batched)
         if ref is None:
@@ -170,13 +175,13 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 def format_rows(rows: list[dict]) -> str:
-    head = (f"{'task':<10} {'agent':<15} {'vec env':<8} {'env steps':>9} {'success':>8} {'95% CI':>13} "
+    head = (f"{'task':<10} {'agent':<26} {'vec env':<8} {'env steps':>9} {'success':>8} {'95% CI':>13} "
             f"{'return':>8} {'steps/s':>8} {'succ/sb3':>8} {'speed/sb3':>9} {'speed/sb3 batched':>17}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lo, hi = r["success_ci95"]
         sr, sp, sb = (r.get(k) for k in ("success_ratio_vs_sb3", "speed_ratio_vs_sb3", "speed_ratio_vs_sb3_batched"))
-        lines.append(f"{r['task']:<10} {r['agent']:<15} {r['vec_env']:<8} {r['env_steps']:>9} "
+        lines.append(f"{r['task']:<10} {r['agent']:<26} {r['vec_env']:<8} {r['env_steps']:>9} "
                      f"{r['success_rate']:>8.3f} {f'[{lo:.2f}, {hi:.2f}]':>13} {r['mean_return']:>8.2f} "
                      f"{r['env_steps_per_s']:>8.0f} {'-' if sr is None else f'{sr:.2f}':>8} "
                      f"{'-' if sp is None else f'{sp:.2f}':>9} {'-' if sb is None else f'{sb:.2f}':>17}")
@@ -190,26 +195,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--num-envs", type=int, default=16)
     parser.add_argument("--eval-episodes", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--agents", default=",".join(AGENTS), help=f"comma-separated subset of {AGENTS}")
+    parser.add_argument("--agents", default=",".join(AGENTS),
+                        help=f"comma-separated subset of {AGENTS + ABLATIONS}")
     parser.add_argument("--sb3-vec", choices=["dummy", "batched", "both"], default="dummy",
                         help="SB3's vec env: its DummyVecEnv of single envs, our batched adapter, or both")
     parser.add_argument("--json", type=Path, default=None, help="write the rows here as JSON")
     args = parser.parse_args(argv)
     agents = [a.strip() for a in args.agents.split(",") if a.strip()]
-    bad = [a for a in agents if a not in AGENTS]
+    bad = [a for a in agents if a not in AGENTS + ABLATIONS]
     if bad or min(args.env_steps, args.num_envs, args.eval_episodes) < 1:
-        parser.error(f"unknown agents {bad} (choose from {AGENTS}); --env-steps, --num-envs and --eval-episodes "
+        parser.error(f"unknown agents {bad} (choose from {AGENTS + ABLATIONS}); --env-steps, --num-envs and --eval-episodes "
                      f"must be >= 1")
     try:
         import stable_baselines3  # noqa: F401
     except ImportError:
         parser.error("stable-baselines3 is not installed: pip install 'stable-baselines3>=2.3' (or '.[dev]')")
-    if any(a.endswith("sac") for a in agents):
+    if any("sac" in a for a in agents):
         try:
             from distillery.agents.sac import SACAgent  # noqa: F401
         except ImportError as e:
             print(f"skipping the SAC rows: distillery.agents.sac is not available ({e})")
-            agents = [a for a in agents if not a.endswith("sac")]
+            agents = [a for a in agents if "sac" not in a]
     torch.set_num_threads(1)
     # Import what both sides use before any clock starts, so the first agent does not pay for it (the first Adam
     # imports torch._dynamo: ~1.3 s here).

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 
 import pytest
@@ -191,6 +192,32 @@ def test_save_load_resumes_updates_bit_exactly(tmp_path):
     assert all_equal(params(a.policy, a.critic, a.critic_target), params(b.policy, b.critic, b.critic_target))
     assert torch.equal(a.log_alpha, b.log_alpha)
     assert torch.equal(a.generator.get_state(), b.generator.get_state())
+    assert torch.equal(a.act_generator.get_state(), b.act_generator.get_state())
+
+
+def test_overlapped_updates_match_alternating_ones_when_actions_ignore_the_learner(tmp_path):
+    """Every action uniform random (the random phase never ends), so the data cannot depend on the learner: running
+    each batched step's updates on the worker thread during the next env step must then give the same updates on
+    the same replay rows as strict alternation, bit for bit, and the overlapped run must really use the worker."""
+    agents, threads = [], []
+    for overlap in (False, True):
+        agent = make_agent(tmp_path / str(overlap), env_steps=40, learning_starts=12, utd_ratio=2, batch_size=16,
+                           overlap_updates=overlap)
+        dim = agent.env.observation_spec["state"].shape[0]
+        agent.policy.set_obs_stats({"state": torch.zeros(dim)}, {"state": torch.ones(dim)})
+        agent.random_until = 10 ** 9
+        update = agent.update
+        agent.update = lambda update=update: threads.append(threading.current_thread().name) or update()
+        agent.train()
+        agents.append(agent)
+    a, b = agents
+    assert a.updates == b.updates == 14  # batched steps 4..10 (env_step 16..40 > 12), 2 updates each
+    assert all_equal(params(a.policy, a.critic, a.critic_target), params(b.policy, b.critic, b.critic_target))
+    assert torch.equal(a.log_alpha, b.log_alpha) and torch.equal(a.buffer.action, b.buffer.action)
+    # alternating: all on the main thread; overlapped: all but the last step's 2 on the worker
+    main = threading.main_thread().name
+    assert threads[:14] == [main] * 14
+    assert all(t.startswith("sac-updates") for t in threads[14:26]) and threads[26:] == [main] * 2
 
 
 def test_resume_without_saved_buffer_refills_before_updating(tmp_path):
