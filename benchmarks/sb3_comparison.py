@@ -204,8 +204,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     agents = [a.strip() for a in args.agents.split(",") if a.strip()]
     bad = [a for a in agents if a not in AGENTS + ABLATIONS]
     if bad or min(args.env_steps, args.num_envs, args.eval_episodes) < 1:
-        parser.error(f"unknown agents {bad} (choose from {AGENTS + ABLATIONS}); --env-steps, --num-envs and --eval-episodes "
-                     f"must be >= 1")
+        parser.error(f"unknown agents {bad} (choose from {AGENTS + ABLATIONS}); --env-steps, --num-envs and "
+                     f"--eval-episodes must be >= 1")
     try:
         import stable_baselines3  # noqa: F401
     except ImportError:
