@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from distillery.agents.grad_steps import MetricMeans
 from distillery.data import SequenceDataset
 from distillery.policies import EMA, Policy
 from distillery.runtime import flatten_state, load_checkpoint, save_run_checkpoint, unflatten_state
@@ -76,8 +77,7 @@ class BCAgent:
         cfg = self.cfg
         self.policy.train()
         metrics: dict[str, float] = {}
-        sums: dict[str, float] = {}
-        count = 0
+        means = MetricMeans()
         bar = self.logger.progress(self.total_steps, desc="train")
         bar.update(self.step)
         t0 = time.perf_counter()
@@ -93,18 +93,16 @@ class BCAgent:
             if self.ema is not None:
                 self.ema.update(self.policy, self.step)
             self.after_step()
-            m = {**m, "grad_norm": float(grad_norm)}
-            for k, v in m.items():
-                sums[k] = sums.get(k, 0.0) + v
-            count += 1
+            means.add({**m, "grad_norm": float(grad_norm)})
             bar.update(1)
             if self.step % int(cfg["log_every"]) == 0 or self.step == self.total_steps:
-                metrics = {f"train/{k}": v / count for k, v in sums.items()}
+                steps_per_s = means.updates / (time.perf_counter() - t0)
+                metrics = means.pop("train/")
                 metrics["train/lr"] = self.scheduler.get_last_lr()[0]
-                metrics["train/steps_per_s"] = count / (time.perf_counter() - t0)
+                metrics["train/steps_per_s"] = steps_per_s
                 self.logger.log(metrics, self.step)
                 bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
-                sums, count, t0 = {}, 0, time.perf_counter()
+                t0 = time.perf_counter()
             if self.evaluate is not None and cfg["eval_every"] and self.step % int(cfg["eval_every"]) == 0:
                 with self.eval_weights():
                     self.logger.log({f"eval/{k}": v for k, v in self.evaluate(self.policy).items()}, self.step)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distillery.agents.grad_steps import MetricMeans
 from distillery.policies.networks.encoders import mlp
 
 PolicyFn = Callable[[Tensor], Tensor]
@@ -220,15 +221,14 @@ class _ChunkCritic(nn.Module):
         if not bool(self.normalizer_fitted):
             self.fit_normalizer(data["obs"])
         steps, window = int(steps), max(1, int(steps) // 10)
-        sums: dict[str, float] = {}
+        last = MetricMeans()
         for i in range(steps):
             idx = sampler.sample(batch_size) if sampler is not None else \
                 torch.randint(n, (int(batch_size),), generator=generator)
             metrics = self.update({k: v[idx.to(v.device)] for k, v in data.items()})
             if i >= steps - window:
-                for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + v / window
-        return sums
+                last.add(metrics)
+        return last.means()
 
     def update(self, batch: Mapping[str, Tensor]) -> dict[str, float]:  # pragma: no cover - interface
         raise NotImplementedError

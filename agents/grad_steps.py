@@ -1,4 +1,5 @@
-"""The per-step gradient bookkeeping of the RL agents, without the generic wrappers around it.
+"""The per-step bookkeeping of the agents: gradients without the generic wrappers around them, and the running
+means of per-update metrics between two log lines.
 
 ``Optimizer.zero_grad`` and ``nn.utils.clip_grad_norm_`` cost 100-300 us a call in Python (profiler records,
 dynamo guards, per-device grouping) while the tensor work is a few microseconds: at thousands of small-network
@@ -11,7 +12,32 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["clear_grads", "clip_grad_norm", "load_fused_adam_state"]
+__all__ = ["MetricMeans", "clear_grads", "clip_grad_norm", "load_fused_adam_state"]
+
+
+class MetricMeans:
+    """Means of the per-update metric dicts added since the last :meth:`pop` (a key missing from some updates is
+    averaged over the updates that reported it)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.updates = 0
+
+    def add(self, metrics: dict[str, float]) -> None:
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            self.counts[k] = self.counts.get(k, 0) + 1
+        self.updates += 1
+
+    def means(self, prefix: str = "") -> dict[str, float]:
+        return {f"{prefix}{k}": v / self.counts[k] for k, v in self.sums.items()}
+
+    def pop(self, prefix: str = "") -> dict[str, float]:
+        """:meth:`means`, then start a new window."""
+        out = self.means(prefix)
+        self.sums, self.counts, self.updates = {}, {}, 0
+        return out
 
 
 def clear_grads(params: Sequence[Tensor]) -> None:

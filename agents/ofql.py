@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distillery.agents.critics import TwinQ, polyak_update
+from distillery.agents.grad_steps import MetricMeans
 from distillery.policies.base import resolve_config
 from distillery.policies.networks.encoders import mlp
 from distillery.policies.networks.unet1d import SinusoidalPosEmb
@@ -269,22 +270,18 @@ class OFQLAgent:
         c = self.cfg
         total = int(c["steps"])
         metrics: dict[str, float] = {}
-        sums: dict[str, float] = {}
-        count = 0
+        means = MetricMeans()
         bar = self.logger.progress(total, desc="ofql")
         bar.update(self.step)
         t0 = time.perf_counter()
         while self.step < total:
-            m = self.update(self.sample_batch(int(c["batch_size"])))
-            for k, v in m.items():
-                sums[k] = sums.get(k, 0.0) + v
-            count += 1
+            means.add(self.update(self.sample_batch(int(c["batch_size"]))))
             bar.update(1)
             if self.step % int(c["log_every"]) == 0 or self.step == total:
-                metrics = {f"train/{k}": v / count for k, v in sums.items()}
-                metrics["train/steps_per_s"] = count / (time.perf_counter() - t0)
+                steps_per_s = means.updates / (time.perf_counter() - t0)
+                metrics = {**means.pop("train/"), "train/steps_per_s": steps_per_s}
                 self.logger.log(metrics, self.step)
-                sums, count, t0 = {}, 0, time.perf_counter()
+                t0 = time.perf_counter()
             if self.run_dir is not None and (self.step % int(c["checkpoint_every"]) == 0 or self.step == total):
                 self.save()
         bar.close()

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from distillery.agents.distill import ConsistencyHead
-from distillery.agents.grad_steps import clear_grads, clip_grad_norm, load_fused_adam_state
+from distillery.agents.grad_steps import MetricMeans, clear_grads, clip_grad_norm, load_fused_adam_state
 from distillery.envs import BatchedEnv
 from distillery.policies import DiffusionPolicy, GaussianPolicy
 from distillery.policies.base import to_plain
@@ -450,8 +450,7 @@ class PPOAgent:
         n, mb = self.batch_size, min(int(c["minibatch_size"]), self.batch_size)
         target_kl = c["target_kl"]
         actor_frozen = self.updates < int(c["critic_warmup"])
-        sums: dict[str, float] = {}
-        count = 0
+        means = MetricMeans()
         stopped = False
         params = list(self.policy.parameters()) + list(self.value.parameters())
         self.policy.train()
@@ -486,16 +485,14 @@ class PPOAgent:
                 loss.backward()
                 m["grad_norm"] = float(clip_grad_norm(params, float(c["max_grad_norm"])))
                 self.optimizer.step()
-                for k, v in m.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                count += 1
+                means.add(m)
             if stopped:
                 break
         self.updates += 1
-        out = {k: v / max(count, 1) for k, v in sums.items()}
+        out = means.means()
         ret, val = flat["return"], buf["value"].flatten(0, 1)
         out["explained_variance"] = float(1.0 - (ret - val).var() / (ret.var() + 1e-8))
-        out["minibatches"] = float(count)
+        out["minibatches"] = float(means.updates)
         out["early_stop"] = float(stopped)
         out["actor_frozen"] = float(actor_frozen)
         return out

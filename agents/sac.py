@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from distillery.agents.critics import TwinQ, polyak_update
-from distillery.agents.grad_steps import clear_grads, load_fused_adam_state
+from distillery.agents.grad_steps import MetricMeans, clear_grads, load_fused_adam_state
 from distillery.envs import BatchedEnv
 from distillery.policies import GaussianPolicy, Policy
 from distillery.runtime import flatten_state, load_checkpoint, resolve_checkpoint, save_run_checkpoint, unflatten_state
@@ -362,8 +362,8 @@ class SACAgent:
                                                 .generate_state(1)[0]))
             self._ep_return.zero_()
         metrics: dict[str, float] = {}
-        sums: dict[str, float] = {}
-        n_upd, returns, successes = 0, [], []
+        means = MetricMeans()
+        returns, successes = [], []
         bar = self.logger.progress(total, desc="sac")
         bar.update(self.env_step)
         # overlap_updates: one worker thread runs the gradient updates while the envs step (see below)
@@ -384,7 +384,8 @@ class SACAgent:
                     self.policy.normalizer.unnormalize("action", action))
                 self._timers["env_s"] += time.perf_counter() - t0
                 if job is not None:
-                    n_upd += self._add_metrics(sums, job.result())
+                    for m in job.result():
+                        means.add(m)
                     self._owed -= owed
                 # info["final_obs"] is s' for every env (the pre-reset obs of finished ones, obs of the others)
                 self.buffer.add(self._obs, action, reward, info["final_obs"], terminated)
@@ -400,18 +401,19 @@ class SACAgent:
                     self._owed += utd
                 if pool is None or self.env_step >= total:  # alternating, or the last step: update now
                     owed = int(self._owed)
-                    n_upd += self._add_metrics(sums, self._run_updates(owed))
+                    for m in self._run_updates(owed):
+                        means.add(m)
                     self._owed -= owed
                 bar.update(self.num_envs)
                 if self._crossed(c["log_every"]) or self.env_step >= total:
-                    metrics = {f"train/{k}": v / n_upd for k, v in sums.items()}
+                    metrics = means.pop("train/")
                     metrics.update(self.speed())
                     if returns:
                         metrics["rollout/return"] = float(np.mean(returns))
                         metrics["rollout/success"] = float(np.mean(successes))
                     metrics["train/updates"] = float(self.updates)
                     self.logger.log(metrics, self.env_step)
-                    sums, n_upd, returns, successes = {}, 0, [], []
+                    returns, successes = [], []
                 if self.evaluate is not None and self._crossed(c["eval_every"]):
                     self.policy.eval()
                     self.logger.log({f"eval/{k}": v for k, v in self.evaluate(self.policy).items()}, self.env_step)
@@ -427,13 +429,6 @@ class SACAgent:
         out = [self.update() for _ in range(n)]
         self._timers["update_s"] += time.perf_counter() - t0
         return out
-
-    @staticmethod
-    def _add_metrics(sums: dict[str, float], metrics: list[dict[str, float]]) -> int:
-        for m in metrics:
-            for k, v in m.items():
-                sums[k] = sums.get(k, 0.0) + v
-        return len(metrics)
 
     def _crossed(self, every: Any) -> bool:
         """Whether the last batched step passed a multiple of ``every`` transitions (never for 0)."""

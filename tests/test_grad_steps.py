@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from distillery.agents.grad_steps import clear_grads, clip_grad_norm, load_fused_adam_state
+from distillery.agents.grad_steps import MetricMeans, clear_grads, clip_grad_norm, load_fused_adam_state
 
 
 def _net_with_grads(scale: float) -> list[torch.Tensor]:
@@ -75,3 +75,15 @@ def test_a_resumed_adam_keeps_the_moments_but_takes_the_rate_of_the_edited_confi
     saved.step()
     resumed.step()
     torch.testing.assert_close(resumed_param.detach(), old.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_metric_means_average_each_key_over_the_updates_that_reported_it_and_pop_starts_a_new_window():
+    means = MetricMeans()
+    means.add({"loss": 1.0, "kl": 0.5})
+    means.add({"loss": 3.0})
+    means.add({"loss": 5.0, "kl": 1.5})
+    assert means.updates == 3
+    assert means.pop("train/") == {"train/loss": 3.0, "train/kl": 1.0}
+    assert means.updates == 0 and means.means() == {}
+    means.add({"loss": 2.0})
+    assert means.means() == {"loss": 2.0}
