@@ -13,7 +13,8 @@ One round on a dataset ``D``::
                  [consistency head: one distillation step from pi]
                  every ope_every steps: OPE gate -- accept pi as the new pi_b if
                      J(pi) - J(pi_b) >= ope_margin * |J(pi_b)|
-    collect: (optional) roll out the accepted policy, append the episodes to D, next round.
+    collect: (optional) roll out the accepted policy, append the episodes to D, next round (the collection opens
+             the next round, so a resumed run completes one a crash cut short).
 
 ``L_IL`` is the policy's own imitation loss on dataset windows drawn with the same sampler: RL-100 keeps the policy
 anchored to imitation (it re-trains the IL policy on each round's data); with Hong et al.'s return weighting the
@@ -145,7 +146,7 @@ class OfflineRLAgent:
         "ope_margin": 0.05,         # accept iff J(pi) - J(pi_b) >= margin * |J(pi_b)|
         "ope_states": 1024,         # start states for the OPE estimate (episode starts first)
         "ope_rows": 4096,           # transitions FQE is fitted on (a fixed random subset: the policy runs on each)
-        "collect_episodes": 0,      # rollouts of the accepted policy appended to the dataset after each round
+        "collect_episodes": 0,      # rollouts of the accepted policy appended to the dataset between rounds
         "consistency_head": False,  # distil a one-step head from the improving policy, one step per PPO step
         "head": {"student": None, "lr": 1e-4, "multistep_prob": 0.3, "teacher_sampler": None},  # None: ddim:K
         "log_every": 25,
@@ -278,6 +279,7 @@ class OfflineRLAgent:
         c = self.cfg
         while self.round < int(c["rounds"]):
             t0 = time.perf_counter()
+            self._collect_owed()
             self._load_data()
             hidden = tuple(int(h) for h in c["critic_hidden"])
             self.critic = IQL(self.transitions["obs"].shape[1], self.transitions["action"].shape[1], hidden,
@@ -309,11 +311,19 @@ class OfflineRLAgent:
                                                for k, v in row.items()))
             self.history.append(row)
             self.round += 1
-            if int(c["collect_episodes"]) > 0 and self.round < int(c["rounds"]):
-                assert self.collect is not None
-                self.collect(self.accepted, int(c["collect_episodes"]), self.round)
             self.save()
         return self.history[-1] if self.history else {}
+
+    def _collect_owed(self) -> None:
+        """Before every round but the first: the rollouts of the accepted policy that the dataset still lacks (all
+        of them, or the rest of a collection a crash interrupted: the writer commits whole episodes)."""
+        n = int(self.cfg["collect_episodes"])
+        if self.round == 0 or n <= 0:
+            return
+        owed = int(self.history[-1]["episodes"]) + n - EpisodeDataset(self.dataset_path).num_episodes
+        if owed > 0:
+            assert self.collect is not None
+            self.collect(self.accepted, owed, self.round)
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def save(self) -> Path:

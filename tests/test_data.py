@@ -105,6 +105,12 @@ def test_resume_appends_and_checks_specs(tmp_path):
         assert_episode_equal(ds.episode(i), ep)
     assert ds.meta["seed"] == 7  # original kept, the change is recorded
     assert ds.meta["resumes"][0]["at_episode"] == 3 and ds.meta["resumes"][0]["meta"] == {"seed": 8}
+    # a dataset's own meta is a valid writer meta: appending with it records no change
+    with EpisodeWriter(path, ds.meta, OBS_SPEC, ACT_SPEC) as w:
+        w.append(**make_episode(5))
+    appended = EpisodeDataset(path)
+    assert appended.num_episodes == 6 and appended.meta["resumes"] == ds.meta["resumes"]
+    assert_episode_equal(appended.episode(5), make_episode(5))
 
     with pytest.raises(ValueError, match="cannot resume.*obs_spec"):
         EpisodeWriter(path, META, {"state": TensorSpec((4,))}, ACT_SPEC)

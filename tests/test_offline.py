@@ -84,3 +84,44 @@ def test_the_imitation_term_draws_its_windows_with_the_return_weighting(bc_run):
     assert 0.0 < metrics["bc_loss"] < 10.0
     with pytest.raises(ValueError, match="bc_coef"):
         _agent(root, data, "bad", bc_coef=-1.0)
+
+
+def test_a_collection_cut_off_between_rounds_is_completed_on_resume(bc_run, tmp_path):
+    """Rounds after the first start by appending rollouts of the accepted policy; a crash part-way through the
+    collection keeps the episodes already committed, and the resumed run collects only the rest."""
+    import shutil
+
+    from distillery import config as config_mod
+    from distillery.data import EpisodeDataset
+    from distillery.pipeline import _append_rollouts
+
+    root, data = bc_run
+    path = tmp_path / "d.zarr"
+    shutil.copytree(data, path)
+    cfg = config_mod.compose(["task=push_cube", "task.max_episode_steps=12", "collect.num_envs=2"])
+    asked: list[int] = []
+
+    def crash_after_one(policy, episodes, round_):
+        asked.append(episodes)
+        _append_rollouts(cfg, policy, path, 1, seed=round_)
+        raise KeyboardInterrupt("killed while collecting")
+
+    def collect(policy, episodes, round_):
+        asked.append(episodes)
+        _append_rollouts(cfg, policy, path, episodes, seed=round_)
+
+    def agent(fn):
+        policy, _ = load_policy(root / "bc")
+        cfg = {"rounds": 2, "collect_episodes": 3, "critic_steps": 3, "critic_hidden": [16], "ppo_steps": 2,
+               "batch_size": 8, "ope": "q", "ope_every": 1, "ope_states": 8, "ddim_steps": 2}
+        return OfflineRLAgent(cfg, policy, path, tmp_path / "run", ListLogger(), seed=0, collect=fn)
+
+    with pytest.raises(KeyboardInterrupt):
+        agent(crash_after_one).train()
+    assert EpisodeDataset(path).num_episodes == 7  # round 0 saved, then one of the three rollouts committed
+    resumed = agent(collect)
+    resumed.load(tmp_path / "run" / "checkpoints" / "last")
+    resumed.train()
+    assert asked == [3, 2]
+    assert [h["episodes"] for h in resumed.history] == [6, 9]
+    assert EpisodeDataset(path).num_episodes == 9

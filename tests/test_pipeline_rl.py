@@ -19,8 +19,9 @@ TINY = [
     "pipeline.eval_episodes=4", "pipeline.distill_rollouts=2", "pipeline.dart_noise.push_cube=0.3", "eval.num_envs=4", "eval.deploy_episodes=1", "collect.num_envs=4",
     "pipeline.bc=[" + ",".join(f'"{o}"' for o in [*TINY_POLICY, "agent.steps=3", "agent.batch_size=8",
                                                    "agent.warmup_steps=1", "agent.log_every=1"]) + "]",
-    'pipeline.offline=["agent=offline","agent.rounds=1","agent.critic_steps=3","agent.critic_hidden=[16]",'
-    '"agent.ppo_steps=2","agent.batch_size=8","agent.ope=q","agent.ope_every=1","agent.ope_states=8",'
+    # two rounds with rollouts of the accepted policy appended in between (RL-100's iterative offline RL)
+    'pipeline.offline=["agent=offline","agent.rounds=2","agent.collect_episodes=2","agent.critic_steps=3",'
+    '"agent.critic_hidden=[16]","agent.ppo_steps=2","agent.batch_size=8","agent.ope=q","agent.ope_every=1","agent.ope_states=8",'
     '"agent.ddim_steps=2","agent.log_every=1"]',
     'pipeline.online=["agent=ppo","agent.num_envs=2","agent.env_steps=16","agent.num_steps=4","agent.epochs=1",'
     '"agent.minibatch_size=4","agent.ddim_steps=2","agent.value_hidden=[16]"]',
@@ -46,7 +47,8 @@ def test_pipeline_runs_every_stage_reports_and_skips_finished_stages(tmp_path, m
     online = json.loads((tmp_path / "pipe" / "online" / "checkpoints" / "last" / "meta.json").read_text())
     assert online["agent"] == "ppo" and online["init"]["checkpoint"].startswith(str(tmp_path / "pipe" / "offline"))
     offline = json.loads((tmp_path / "pipe" / "offline" / "checkpoints" / "last" / "meta.json").read_text())
-    assert offline["config"]["agent"]["ppo_steps"] == 3 and offline["config"]["agent"]["rounds"] == 1
+    assert offline["config"]["agent"]["ppo_steps"] == 3 and offline["config"]["agent"]["rounds"] == 2
+    assert [h["episodes"] for h in offline["offline_history"]] == [4, 6]  # round 2 saw the 2 appended rollouts
     # the demonstrations were played with the executed-only (DART) noise; the student was distilled on
     # rollouts of the online policy (its own sampler), not on the demonstrations
     from distillery.data import EpisodeDataset

@@ -395,7 +395,8 @@ class EpisodeDataset:
                              f"delete it and collect again")
         commit = attrs[_COMMIT_KEY]
         e, n = int(commit["num_episodes"]), int(commit["num_steps"])
-        self.meta: dict[str, Any] = {k: v for k, v in attrs.items() if k not in (_COMMIT_KEY,)}
+        # without the format keys, so that a writer appending to this dataset can be given this meta back
+        self.meta: dict[str, Any] = {k: v for k, v in attrs.items() if k not in (_FORMAT_KEY, _COMMIT_KEY)}
         self.obs_spec: ObservationSpec = obs_spec_from_json(attrs["obs_spec"])
         self.action_spec = TensorSpec.from_json(attrs["action_spec"])
         try:
