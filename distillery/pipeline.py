@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -231,6 +233,8 @@ def _train_rl(cfg: DictConfig, run_dir: Path, ckpt: Path | None) -> Path:
 
         policy, meta["init"] = _initial_policy(cfg)
         path = Path(cfg.dataset) if cfg.dataset else Path(meta["init"]["dataset"] or dataset_path(cfg))
+        if int(agent_cfg.get("collect_episodes", 0)) > 0:  # rollouts go into the run's own copy, not the source
+            meta["source_dataset"], path = str(path), _own_copy(path, run_dir / "data.zarr")
         meta["dataset"] = str(path)
 
         def collect_more(p: Any, episodes: int, round_: int) -> None:
@@ -246,6 +250,17 @@ def _train_rl(cfg: DictConfig, run_dir: Path, ckpt: Path | None) -> Path:
     print(f"train {name} ({policy.name}, {policy.num_params() / 1e6:.2f}M params"
           + (f", from {cfg.init}" if cfg.init else "") + f") -> {run_dir}")
     return _run_agent(agent, ckpt, logger, run_dir)
+
+
+def _own_copy(source: Path, dest: Path) -> Path:
+    """``dest``, a copy of the dataset ``source`` made once (into a temporary name, then renamed: a crash never
+    leaves a half copy at ``dest``); a resumed run finds it and keeps what was appended to it."""
+    if not dest.exists():
+        tmp = dest.with_name(dest.name + ".copying")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(source, tmp)
+        os.replace(tmp, dest)
+    return dest
 
 
 def _append_rollouts(cfg: DictConfig, policy: Any, path: Path, episodes: int, seed: int,

@@ -49,9 +49,13 @@ def test_pipeline_runs_every_stage_reports_and_skips_finished_stages(tmp_path, m
     offline = json.loads((tmp_path / "pipe" / "offline" / "checkpoints" / "last" / "meta.json").read_text())
     assert offline["config"]["agent"]["ppo_steps"] == 3 and offline["config"]["agent"]["rounds"] == 2
     assert [h["episodes"] for h in offline["offline_history"]] == [4, 6]  # round 2 saw the 2 appended rollouts
+    # into the stage's own copy of the demonstrations, which stay as they were
+    assert Path(offline["dataset"]).resolve() == tmp_path / "pipe" / "offline" / "data.zarr"
+    from distillery.data import EpisodeDataset
+    assert EpisodeDataset(offline["dataset"]).num_episodes == 6
+    assert EpisodeDataset(tmp_path / "pipe" / "data.zarr").num_episodes == 4
     # the demonstrations were played with the executed-only (DART) noise; the student was distilled on
     # rollouts of the online policy (its own sampler), not on the demonstrations
-    from distillery.data import EpisodeDataset
     assert EpisodeDataset(tmp_path / "pipe" / "data.zarr").meta["action_noise"] == 0.3
     distilled = json.loads((tmp_path / "pipe" / "distill" / "checkpoints" / "last" / "meta.json").read_text())
     rollouts = EpisodeDataset(distilled["dataset"])
