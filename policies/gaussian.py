@@ -116,7 +116,13 @@ class GaussianPolicy(Policy):
     # ------------------------------------------------------------------------------------------ distribution
     def set_obs_stats(self, mean: Mapping[str, Tensor], std: Mapping[str, Tensor]) -> None:
         """Write running observation statistics ``{group: (*shape,)}`` into the normaliser (actions: the spec's
-        bounds -> [-1, 1]). RL agents call this; imitation uses ``set_normalizer(dataset.stats(...))``."""
+        bounds -> [-1, 1]). RL agents call this at every env step; imitation uses
+        ``set_normalizer(dataset.stats(...))``."""
+        fast = all(self.normalizer.modes[k] == "gaussian" for k in self.obs_keys)
+        if fast and bool(self.normalizer.fitted):  # the action bounds are already in: only the observations change
+            for k in self.obs_keys:
+                self.normalizer.set_gaussian(k, mean[k], std[k])
+            return
         low, high = self.action_spec.low, self.action_spec.high
         if low is None or high is None:
             raise ValueError("the gaussian policy needs a bounded action spec (low/high) to normalise actions")

@@ -85,13 +85,26 @@ class Normalizer(nn.Module):
                 scale = torch.where(flat, torch.ones_like(rng), 2.0 / rng.clamp(min=self.eps))
                 offset = torch.where(flat, -lo, -1.0 - scale * lo)
             else:
-                mean, std = s["mean"], s["std"]
-                scale = 1.0 / torch.where(std < self.eps, torch.ones_like(std), std)
-                offset = -mean * scale
+                self._write_gaussian(key, s["mean"], s["std"])
+                continue
             sc, off = self._params(key)
             sc.copy_(scale.float())
             off.copy_(offset.float())
         self.fitted.fill_(True)
+
+    @torch.no_grad()
+    def set_gaussian(self, key: str, mean: Tensor, std: Tensor) -> None:
+        """New mean/std of one ``"gaussian"`` key, without :meth:`set_stats`' checks of every key: RL agents
+        refresh their running observation statistics this way at every env step."""
+        if self.modes.get(key) != "gaussian":
+            raise ValueError(f"Normalizer.set_gaussian: key {key!r} has mode {self.modes.get(key)!r}, not 'gaussian'")
+        self._write_gaussian(key, mean.to(torch.float64), std.to(torch.float64))
+
+    def _write_gaussian(self, key: str, mean: Tensor, std: Tensor) -> None:
+        scale = 1.0 / torch.where(std < self.eps, torch.ones_like(std), std)
+        sc, off = self._params(key)
+        sc.copy_(scale.float())
+        off.copy_((-mean * scale).float())
 
     def normalize(self, key: str, x: Tensor) -> Tensor:
         """``x (..., *spec.shape)`` in data units -> normalised."""

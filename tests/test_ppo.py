@@ -68,6 +68,15 @@ def test_gaussian_samplers_normaliser_and_rebuild():
     # the normaliser applies the running stats written by set_obs_stats: (x - mean) / std
     n = p.normalizer.normalize("state", obs["state"])
     torch.testing.assert_close(n, (obs["state"] - torch.tensor([1.0, -2.0, 0.5])) / torch.tensor([2.0, 1.0, 4.0]))
+    # later calls (an RL agent's per-step refresh) write only the observation statistics; a near-zero std centres
+    actions = {k: v.clone() for k, v in p.normalizer.state_dict().items() if k.startswith("action")}
+    p.set_obs_stats({"state": torch.tensor([0.5, 3.0, -1.0], dtype=torch.float64)},
+                    {"state": torch.tensor([0.25, 1e-6, 2.0], dtype=torch.float64)})
+    torch.testing.assert_close(p.normalizer.normalize("state", obs["state"]),
+                               (obs["state"] - torch.tensor([0.5, 3.0, -1.0])) / torch.tensor([0.25, 1.0, 2.0]))
+    for k, v in actions.items():
+        torch.testing.assert_close(p.normalizer.state_dict()[k], v)
+    p.set_obs_stats({"state": torch.tensor([1.0, -2.0, 0.5])}, {"state": torch.tensor([2.0, 1.0, 4.0])})
     mean, _ = p.dist_params({"state": n[:, None]})
     torch.testing.assert_close(p.predict_chunk({"state": obs["state"][:, None]})[:, 0], mean.clamp(-1, 1))
     assert p.is_deterministic(None) and p.is_deterministic("mean") and not p.is_deterministic("sample")
