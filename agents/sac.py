@@ -378,15 +378,12 @@ class SACAgent:
                 # torch kernels release the GIL). They sample only rows already in the buffer, and the next action
                 # waits for them, so the one difference from strict alternation is that the action just sent was
                 # chosen one step's updates earlier.
-                owed = int(self._owed) if pool is not None else 0
-                job = pool.submit(self._run_updates, owed) if owed else None
+                job = pool.submit(self._pay_owed, means) if pool is not None and self._owed >= 1 else None
                 obs_next, reward, terminated, truncated, info = self.env.step(
                     self.policy.normalizer.unnormalize("action", action))
                 self._timers["env_s"] += time.perf_counter() - t0
                 if job is not None:
-                    for m in job.result():
-                        means.add(m)
-                    self._owed -= owed
+                    job.result()  # the main thread touches neither means nor _owed before this
                 # info["final_obs"] is s' for every env (the pre-reset obs of finished ones, obs of the others)
                 self.buffer.add(self._obs, action, reward, info["final_obs"], terminated)
                 done = terminated | truncated
@@ -400,10 +397,7 @@ class SACAgent:
                 if self.env_step > self.collect_until:  # the first collect_until transitions only fill the buffer
                     self._owed += utd
                 if pool is None or self.env_step >= total:  # alternating, or the last step: update now
-                    owed = int(self._owed)
-                    for m in self._run_updates(owed):
-                        means.add(m)
-                    self._owed -= owed
+                    self._pay_owed(means)
                 bar.update(self.num_envs)
                 if self._crossed(c["log_every"]) or self.env_step >= total:
                     metrics = means.pop("train/")
@@ -423,12 +417,14 @@ class SACAgent:
         bar.close()
         return metrics
 
-    def _run_updates(self, n: int) -> list[dict[str, float]]:
-        """``n`` gradient updates in a row (timed as update time); their metrics."""
+    def _pay_owed(self, means: MetricMeans) -> None:
+        """The whole gradient updates owed so far, in a row (timed as update time), their metrics into ``means``."""
         t0 = time.perf_counter()
-        out = [self.update() for _ in range(n)]
+        owed = int(self._owed)
+        for _ in range(owed):
+            means.add(self.update())
+        self._owed -= owed
         self._timers["update_s"] += time.perf_counter() - t0
-        return out
 
     def _crossed(self, every: Any) -> bool:
         """Whether the last batched step passed a multiple of ``every`` transitions (never for 0)."""
