@@ -133,6 +133,7 @@ class PipelineSchema:
     online: list[str] = MISSING
     distill: list[str] = MISSING
     distill_rollouts: int = MISSING
+    distill_dagger_rounds: dict[str, int] = MISSING
     task_overrides: dict[str, dict[str, list[str]]] = MISSING
 
 
@@ -258,7 +259,8 @@ def _check_choices(cfg: DictConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
-    per_task = [f"pipeline.{group}.{task}" for group in ("expert_noise", "expert_mistakes", "dart_noise")
+    per_task = [f"pipeline.{group}.{task}" for group in ("expert_noise", "expert_mistakes", "dart_noise",
+                                                         "distill_dagger_rounds")
                 for task in cfg.pipeline[group]]
     nonneg = ["expert_noise", "expert_mistakes", "collect.action_noise", "eval.video_episodes",
               "pipeline.distill_rollouts", *per_task]

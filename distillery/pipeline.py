@@ -426,6 +426,21 @@ def _teacher_rollouts(cfg: DictConfig, teacher: Path, path: Path, episodes: int)
     return path
 
 
+def _student_rollouts(cfg: DictConfig, student: Path, source: Path, path: Path, episodes: int, seed: int) -> Path:
+    """A DAgger round's data at ``path``: the dataset ``source`` plus ``episodes`` rollouts of ``student`` (its
+    default sampler, ``consistency:1``). Built under a temporary name and renamed, so a crash leaves no half."""
+    from distillery.evaluate import load_policy
+
+    policy, _ = load_policy(student)
+    tmp = path.with_name(path.name + ".building")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    _append_rollouts(cfg, policy, tmp, episodes, seed)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+    return path
+
+
 def _stage(root: Path, name: str, run: Any) -> dict[str, Any]:
     """Run ``run() -> path`` unless ``root/<name>/stage.json`` says it finished; returns that record
     (``path``, ``wall_s`` of the run that finished it, ``resumed``)."""
@@ -495,11 +510,12 @@ def rl_pipeline(overrides: list[str]) -> Path:
 
     task_overrides = p.task_overrides.get(task, {})
 
-    def stage_cfg(stage: str, *extra: str) -> DictConfig:
-        """The config of ``stage``, run in ``root / stage``: the shared stage overrides (collect has none), then
-        this task's, then the command line's."""
+    def stage_cfg(stage: str, *extra: str, run_name: str | None = None) -> DictConfig:
+        """The config of ``stage``, run in ``root / (run_name or stage)``: the shared stage overrides (collect has
+        none), then this task's, then the command line's."""
         stage_overrides = [*OmegaConf.select(p, stage, default=[]), *task_overrides.get(stage, [])]
-        return config_mod.compose([*stage_overrides, *overrides, f"dataset={data}", f"run_dir={root / stage}", *extra])
+        return config_mod.compose([*stage_overrides, *overrides, f"dataset={data}",
+                                   f"run_dir={root / (run_name or stage)}", *extra])
 
     records = {"collect": _stage(root, "collect", lambda: collect(stage_cfg(
         "collect", f"expert_noise={noise}", f"expert_mistakes={mistakes}", f"collect.action_noise={dart}",
@@ -516,18 +532,33 @@ def rl_pipeline(overrides: list[str]) -> Path:
         records["rollouts"] = _stage(root, "rollouts", lambda: _teacher_rollouts(
             base, root / "online", root / "rollouts" / "data.zarr", int(p.distill_rollouts)))
         distill_data = Path(records["rollouts"]["path"])
-    records["one_step"] = _stage(root, "distill", lambda: distill(
+    students = [_stage(root, "distill", lambda: distill(
         stage_cfg("distill", f"teacher={root / 'online'}", f"dataset={distill_data}"),
-        resume=_resume_arg(root / "distill")))
+        resume=_resume_arg(root / "distill")))]
+    # DAgger (Ross et al. 2011): the student drifts into states its teacher's rollouts seldom show; each round adds
+    # the latest student's rollouts, labelled by the teacher on the fly, and distils a new student on everything.
+    for r in range(1, int(p.distill_dagger_rounds.get(task, 0)) + 1):
+        name, prev_data, prev_student = f"dagger{r}_rollouts", distill_data, students[-1]["path"]
+        records[name] = _stage(root, name, lambda: _student_rollouts(
+            base, Path(prev_student), Path(prev_data), root / name / "data.zarr", int(p.distill_rollouts) or
+            int(p.episodes), int(base.seed) + 3000 + r))
+        distill_data = Path(records[name]["path"])
+        run_name = f"distill_dagger{r}"
+        students.append(_stage(root, run_name, lambda: distill(
+            stage_cfg("distill", f"teacher={root / 'online'}", f"dataset={distill_data}", run_name=run_name),
+            resume=_resume_arg(root / run_name))))
+    # the report's one-step row: the last student, its wall time every distillation's
+    records["one_step"] = {**students[-1], "wall_s": sum(s["wall_s"] for s in students)}
 
     # ---- evaluation of every stage on the same seeded episodes (cached per stage)
     episodes, seed = int(p.eval_episodes), int(base.seed) + 12345  # seeds apart from training and collection
     rows = []
     for stage in RL_STAGES:
         cache = root / "eval" / f"{stage}.json"
-        if cache.is_file():
+        checkpoint = records["collect" if stage == "expert" else stage]["path"]
+        if cache.is_file() and json.loads(cache.read_text()).get("checkpoint") == checkpoint:
             rows.append(json.loads(cache.read_text()))
-            continue
+            continue  # evaluated earlier; a stage whose checkpoint changed (e.g. a DAgger round added) is redone
         env = env_from_config(base.task, min(int(base.eval.num_envs), episodes), seed)
         t0 = time.perf_counter()
         if stage == "expert":
@@ -548,13 +579,18 @@ def rl_pipeline(overrides: list[str]) -> Path:
         row = {"task": task, "stage": stage, "success_rate": summary["success_rate"], "episodes": episodes,
                "wall_s": wall, "success_ci95": summary["success_ci95"], "mean_return": summary["mean_return"],
                "sampler": sampler, "eval_wall_s": time.perf_counter() - t0,
-               "checkpoint": records["collect" if stage == "expert" else stage]["path"]}
+               "checkpoint": checkpoint}
         cache.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(cache, json.dumps(row, indent=1))
         rows.append(row)
         print(f"pipeline eval {stage}: success {row['success_rate']:.3f} over {episodes} episodes")
 
     # ---- export of the one-step policy, checked in closed loop through the torch-free runtime
+    manifest = root / "export" / "manifest.json"
+    if (root / "export" / "stage.json").is_file() and manifest.is_file() and not Path(
+            json.loads(manifest.read_text())["source_checkpoint"]["path"]).is_relative_to(
+            Path(records["one_step"]["path"]).resolve()):
+        (root / "export" / "stage.json").unlink()  # exported from an earlier student (a DAgger round added since)
     records["export"] = _stage(root, "export", lambda: export_stage(config_mod.compose(
         [*overrides, f"checkpoint={records['one_step']['path']}", "sampler=consistency:1",
          f"export.out_dir={root / 'export'}"])))

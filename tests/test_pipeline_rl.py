@@ -63,12 +63,23 @@ def test_pipeline_runs_every_stage_reports_and_skips_finished_stages(tmp_path, m
     assert rollouts.num_episodes == 2
     assert Path(rollouts.meta["source"]).resolve().is_relative_to(tmp_path / "pipe" / "online")
     assert rollouts.meta["sampler"] == "ddim:2:eta=1"
+    # push_cube's DAgger round: a second student distilled on the teacher's rollouts plus 2 of the first student's
+    # (the same episodes first, then the student's), and the report's one-step row is that second student
+    dagger = json.loads((tmp_path / "pipe" / "distill_dagger1" / "checkpoints" / "last" / "meta.json").read_text())
+    assert Path(dagger["dataset"]).resolve() == tmp_path / "pipe" / "dagger1_rollouts" / "data.zarr"
+    merged = EpisodeDataset(dagger["dataset"])
+    assert merged.num_episodes == 4
+    for i in range(2):
+        assert (merged.episode(i)["action"] == rollouts.episode(i)["action"]).all()
+    assert merged.meta["source"] == rollouts.meta["source"]
+    assert Path(report["rows"][-1]["checkpoint"]).resolve() == tmp_path / "pipe" / "distill_dagger1"
+    assert set(report["stage_wall_s"]) >= {"dagger1_rollouts", "one_step"}
     capsys.readouterr()
 
     # a rerun skips every finished stage and reports the same rows
     assert main(["pipeline", *TINY]) == 0
     out = capsys.readouterr().out
-    assert out.count("finished earlier") == 7
+    assert out.count("finished earlier") == 9
     again = json.loads((tmp_path / "pipe" / "report.json").read_text())
     assert [r["success_rate"] for r in again["rows"]] == [r["success_rate"] for r in report["rows"]]
 
@@ -77,6 +88,17 @@ def test_pipeline_runs_every_stage_reports_and_skips_finished_stages(tmp_path, m
     shutil.rmtree(tmp_path / "pipe" / "eval")
     assert main(["pipeline", *TINY]) == 0
     assert "resumed from" in capsys.readouterr().out
+
+    # without the DAgger round the one-step row is the first student: re-evaluated and re-exported, not the
+    # cached evaluation and export of the DAgger student
+    assert main(["pipeline", *TINY, "pipeline.distill_dagger_rounds.push_cube=0"]) == 0
+    fewer = json.loads((tmp_path / "pipe" / "report.json").read_text())
+    assert Path(fewer["rows"][-1]["checkpoint"]).resolve() == tmp_path / "pipe" / "distill"
+    def key(rows):
+        return [(r["stage"], r["checkpoint"], r["success_rate"]) for r in rows]
+    assert key(fewer["rows"][:-1]) == key(report["rows"][:-1])
+    manifest = json.loads((tmp_path / "pipe" / "export" / "manifest.json").read_text())
+    assert Path(manifest["source_checkpoint"]["path"]).is_relative_to(tmp_path / "pipe" / "distill")
 
 
 def test_rl_agent_configs_are_checked_before_any_work():
