@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -538,14 +539,14 @@ def rl_pipeline(overrides: list[str]) -> Path:
     # DAgger (Ross et al. 2011): the student drifts into states its teacher's rollouts seldom show; each round adds
     # the latest student's rollouts, labelled by the teacher on the fly, and distils a new student on everything.
     for r in range(1, int(p.distill_dagger_rounds.get(task, 0)) + 1):
-        name, prev_data, prev_student = f"dagger{r}_rollouts", distill_data, students[-1]["path"]
-        records[name] = _stage(root, name, lambda: _student_rollouts(
-            base, Path(prev_student), Path(prev_data), root / name / "data.zarr", int(p.distill_rollouts) or
-            int(p.episodes), int(base.seed) + 3000 + r))
+        name = f"dagger{r}_rollouts"
+        records[name] = _stage(root, name, partial(
+            _student_rollouts, base, Path(students[-1]["path"]), Path(distill_data), root / name / "data.zarr",
+            int(p.distill_rollouts) or int(p.episodes), int(base.seed) + 3000 + r))
         distill_data = Path(records[name]["path"])
         run_name = f"distill_dagger{r}"
-        students.append(_stage(root, run_name, lambda: distill(
-            stage_cfg("distill", f"teacher={root / 'online'}", f"dataset={distill_data}", run_name=run_name),
+        students.append(_stage(root, run_name, partial(
+            distill, stage_cfg("distill", f"teacher={root / 'online'}", f"dataset={distill_data}", run_name=run_name),
             resume=_resume_arg(root / run_name))))
     # the report's one-step row: the last student, its wall time every distillation's
     records["one_step"] = {**students[-1], "wall_s": sum(s["wall_s"] for s in students)}
