@@ -442,21 +442,26 @@ def _student_rollouts(cfg: DictConfig, student: Path, source: Path, path: Path, 
     return path
 
 
-def _stage(root: Path, name: str, run: Any) -> dict[str, Any]:
-    """Run ``run() -> path`` unless ``root/<name>/stage.json`` says it finished; returns that record
-    (``path``, ``wall_s`` of the run that finished it, ``resumed``)."""
+def _stage(root: Path, name: str, run: Any, source: str | None = None) -> dict[str, Any]:
+    """Run ``run() -> path`` unless ``root/<name>/stage.json`` says it finished (from the same ``source``, when one
+    is given: the checkpoint a stage is made from); returns that record (``path``, ``wall_s`` of the run that
+    finished it, ``resumed``, ``source``)."""
     from distillery.runtime import atomic_write_text
 
     marker = root / name / "stage.json"
     if marker.is_file():
         record = json.loads(marker.read_text())
-        print(f"pipeline: stage {name} finished earlier ({record['path']}); skipped")
-        return record
+        if source is None or record.get("source") == source:
+            print(f"pipeline: stage {name} finished earlier ({record['path']}); skipped")
+            return record
+        print(f"pipeline: stage {name} was made from {record.get('source')}, now from {source}; redone")
+        marker.unlink()  # no longer true; and an export refuses a directory holding other files
     resumed = (root / name).exists()
     before = _logged_seconds(root / name)  # an interrupted earlier run of this stage counts too
     t0 = time.perf_counter()
     path = run()
-    record = {"stage": name, "path": str(path), "wall_s": before + time.perf_counter() - t0, "resumed": resumed}
+    record = {"stage": name, "path": str(path), "wall_s": before + time.perf_counter() - t0, "resumed": resumed,
+              **({"source": source} if source is not None else {})}
     (root / name).mkdir(parents=True, exist_ok=True)
     atomic_write_text(marker, json.dumps(record, indent=1))
     return record
@@ -557,8 +562,9 @@ def rl_pipeline(overrides: list[str]) -> Path:
     for stage in RL_STAGES:
         cache = root / "eval" / f"{stage}.json"
         checkpoint = records["collect" if stage == "expert" else stage]["path"]
-        if cache.is_file() and json.loads(cache.read_text()).get("checkpoint") == checkpoint:
-            rows.append(json.loads(cache.read_text()))
+        cached = json.loads(cache.read_text()) if cache.is_file() else {}
+        if cached.get("checkpoint") == checkpoint:
+            rows.append(cached)
             continue  # evaluated earlier; a stage whose checkpoint changed (e.g. a DAgger round added) is redone
         env = env_from_config(base.task, min(int(base.eval.num_envs), episodes), seed)
         t0 = time.perf_counter()
@@ -587,14 +593,10 @@ def rl_pipeline(overrides: list[str]) -> Path:
         print(f"pipeline eval {stage}: success {row['success_rate']:.3f} over {episodes} episodes")
 
     # ---- export of the one-step policy, checked in closed loop through the torch-free runtime
-    manifest = root / "export" / "manifest.json"
-    if (root / "export" / "stage.json").is_file() and manifest.is_file() and not Path(
-            json.loads(manifest.read_text())["source_checkpoint"]["path"]).is_relative_to(
-            Path(records["one_step"]["path"]).resolve()):
-        (root / "export" / "stage.json").unlink()  # exported from an earlier student (a DAgger round added since)
+    # redone when the one-step policy is another student than the exported one (a DAgger round added or removed)
     records["export"] = _stage(root, "export", lambda: export_stage(config_mod.compose(
         [*overrides, f"checkpoint={records['one_step']['path']}", "sampler=consistency:1",
-         f"export.out_dir={root / 'export'}"])))
+         f"export.out_dir={root / 'export'}"])), source=records["one_step"]["path"])
     export_dir = Path(records["export"]["path"])
     deployed = evaluate_deployed(export_dir, int(base.eval.deploy_episodes), seed)
     rows[-1]["onnx_latency_ms_p50"] = deployed.get("latency_ms_p50")
