@@ -44,6 +44,7 @@ from distillery.policies.schedule import SamplerSpec
 
 OBJECTIVES = ("output", "consistency")
 DISTANCES = ("huber", "l2")
+TEACHER_NOISES = ("fresh", "shared")
 
 
 def pseudo_huber(x: Tensor, y: Tensor) -> Tensor:
@@ -56,6 +57,8 @@ def pseudo_huber(x: Tensor, y: Tensor) -> Tensor:
 def check_distill_config(cfg: Mapping[str, Any]) -> None:
     if cfg["objective"] not in OBJECTIVES:
         raise ValueError(f"agent.objective={cfg['objective']!r}; choose one of {list(OBJECTIVES)}")
+    if cfg["teacher_noise"] not in TEACHER_NOISES:
+        raise ValueError(f"agent.teacher_noise={cfg['teacher_noise']!r}; choose one of {list(TEACHER_NOISES)}")
     if cfg["distance"] not in DISTANCES:
         raise ValueError(f"agent.distance={cfg['distance']!r}; choose one of {list(DISTANCES)}")
     if not 0.0 <= float(cfg["target_ema"]) < 1.0:
@@ -69,7 +72,7 @@ def check_distill_config(cfg: Mapping[str, Any]) -> None:
 def output_distill_loss(student: ConsistencyPolicy, teacher: DiffusionPolicy, nobs: Mapping[str, Tensor],
                         teacher_sampler: SamplerSpec, multistep_prob: float,
                         distance: Callable[[Tensor, Tensor], Tensor] = F.mse_loss, cond: Tensor | None = None,
-                        cond_teacher: Tensor | None = None) -> Tensor:
+                        cond_teacher: Tensor | None = None, teacher_noise: str = "fresh") -> Tensor:
     """RL-100's head objective on normalised observations ``nobs``: the student maps the teacher's noise ``z`` to
     the teacher's ``teacher_sampler`` sample from ``z`` (see the module docstring). Used by
     :class:`DistillAgent` and by the RL agents' interleaved consistency head (the teacher is then the live policy)."""
@@ -79,7 +82,8 @@ def output_distill_loss(student: ConsistencyPolicy, teacher: DiffusionPolicy, no
     z = torch.randn(shape, device=cond.device)
     with torch.no_grad():
         cond_teacher = teacher.encode_obs(nobs) if cond_teacher is None else cond_teacher
-        target = teacher.schedule.sample(lambda x, t: teacher.eps(x, t, cond_teacher), shape, teacher_sampler, x_T=z)
+        target = teacher.schedule.sample(lambda x, t: teacher.eps(x, t, cond_teacher), shape, teacher_sampler, x_T=z,
+                                         step_noise=z if teacher_noise == "shared" else None)
     # the one-step case maps the teacher's own z at the top level; a `multistep_prob` share of samples starts
     # lower, from the teacher's sample re-noised with that z, so consistency:N chains work too
     top = student.schedule.num_train_steps - 1
@@ -180,7 +184,8 @@ class DistillAgent(BCAgent):
             cond_teacher = teacher.encode_obs(nobs)
         if self.objective == "output":
             loss = output_distill_loss(student, teacher, nobs, self.teacher_sampler, float(self.cfg["multistep_prob"]),
-                                       self._distance, cond=cond, cond_teacher=cond_teacher)
+                                       self._distance, cond=cond, cond_teacher=cond_teacher,
+                                       teacher_noise=str(self.cfg["teacher_noise"]))
             return loss, {"loss": float(loss.detach())}
         assert self.target is not None
         pair = self.grid[torch.randint(0, len(self.grid), (b,))].to(a0.device)  # adjacent (t, s) per sample

@@ -60,6 +60,7 @@ class BCSchema:
 class DistillSchema(BCSchema):
     objective: str = MISSING
     teacher_sampler: Optional[str] = MISSING
+    teacher_noise: str = MISSING
     multistep_prob: float = MISSING
     ode_steps: int = MISSING
     distance: str = MISSING

@@ -243,15 +243,16 @@ class NoiseSchedule(nn.Module):
 
     def sample(self, eps_fn: DenoiseFn, shape: tuple[int, ...], spec: SamplerSpec, default_eta: float = 0.0,
                generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
-               x_T: Tensor | None = None) -> Tensor:
+               x_T: Tensor | None = None, step_noise: Tensor | None = None) -> Tensor:
         """Run the reverse chain from ``x_T ~ N(0, I)`` of ``shape = (B, Tp, Da)`` (or the given ``x_T``) to ``x_0``.
 
         Randomness order (kept fixed so samplers are comparable under one generator): ``x_T`` first, then one
         ``N(0, I)`` draw per step for stochastic steps (``ddpm``, ``ddim`` with ``eta > 0``), none when ``eta = 0``.
+        ``step_noise`` (shape of ``x``), if given, is every stochastic step's noise instead of those draws.
         """
         x = torch.randn(shape, generator=generator, device=self.betas.device, dtype=dtype) if x_T is None else x_T
         eta = spec.eta if spec.eta is not None else default_eta
-        return self.run_chain(eps_fn, x, self.timesteps(spec), spec.kind == "ddpm", eta, generator)
+        return self.run_chain(eps_fn, x, self.timesteps(spec), spec.kind == "ddpm", eta, generator, step_noise)
 
     def sample_chain(self, eps_fn: DenoiseFn, x_T: Tensor, steps: list[tuple[int, int]], eta: float,
                      std_min: float = 0.0, generator: torch.Generator | None = None,
@@ -293,13 +294,17 @@ class NoiseSchedule(nn.Module):
         return lp.view(b, k)
 
     def run_chain(self, eps_fn: DenoiseFn, x: Tensor, steps: list[tuple[int, int]], ddpm: bool, eta: float,
-                  generator: torch.Generator | None = None) -> Tensor:
-        """Denoise ``x`` along ``steps = [(t, t_prev), ...]`` with DDPM posterior steps or DDIM(eta) steps."""
+                  generator: torch.Generator | None = None, step_noise: Tensor | None = None) -> Tensor:
+        """Denoise ``x`` along ``steps = [(t, t_prev), ...]`` with DDPM posterior steps or DDIM(eta) steps; the
+        stochastic steps draw fresh noise, or all use ``step_noise`` if given."""
         stochastic = ddpm or eta > 0
         for t, t_prev in steps:
             t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
             eps = eps_fn(x, t_batch)
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if stochastic else None
+            noise = None
+            if stochastic:
+                noise = step_noise if step_noise is not None else torch.randn(
+                    x.shape, generator=generator, device=x.device, dtype=x.dtype)
             if ddpm:
                 x, _, _ = self.ddpm_step(x, eps, t, noise)
             else:

@@ -18,7 +18,8 @@ BC = {"steps": 150, "batch_size": 64, "lr": 3e-3, "weight_decay": 1e-6, "betas":
       "grad_clip": 1.0, "ema": False, "ema_power": 0.75, "ema_max_decay": 0.9999, "log_every": 1, "eval_every": 0,
       "eval_episodes": 1, "checkpoint_every": 10_000}
 DISTILL = {**BC, "objective": "output", "teacher_sampler": "ddim:5", "multistep_prob": 0.3, "ode_steps": 10,
-           "distance": "l2", "dsm_weight": 0.0, "target_ema": 0.9, "init_from_teacher": True, "student": None}
+           "distance": "l2", "dsm_weight": 0.0, "target_ema": 0.9, "init_from_teacher": True, "student": None,
+           "teacher_noise": "fresh"}
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +148,46 @@ def test_output_distillation_defaults_to_the_teachers_own_stochastic_chain(data,
     assert not torch.allclose(draws[0], draws[1])  # same z, different samples: eta > 0 is honoured
     loss, _ = agent.compute_loss(batch)
     assert torch.isfinite(loss)
+
+
+def test_shared_teacher_noise_reuses_z_at_every_step(teacher):
+    """teacher_noise=shared: the eta > 0 chain's every step takes z as its noise, so the target is a function of z
+    (a hand-rolled DDIM chain with noise z at each step gives the same sample)."""
+    spec = SamplerSpec("ddim", 3, 1.0)
+    z = torch.randn(4, teacher.pred_horizon, teacher.action_dim, generator=torch.Generator().manual_seed(7))
+    cond = teacher.encode_obs({"state": torch.randn(4, 2, 3, generator=torch.Generator().manual_seed(8))})
+    eps_fn = lambda x, t: teacher.eps(x, t, cond)  # noqa: E731
+    with torch.no_grad():
+        got = teacher.schedule.sample(eps_fn, tuple(z.shape), spec, x_T=z, step_noise=z)
+        x = z
+        for t, t_prev in teacher.schedule.timesteps(spec):
+            x, _, std = teacher.schedule.ddim_step(x, eps_fn(x, torch.full((4,), t)), t, t_prev, 1.0, noise=z)
+        fresh = teacher.schedule.sample(eps_fn, tuple(z.shape), spec, x_T=z)
+    torch.testing.assert_close(got, x, rtol=0, atol=0)
+    assert not torch.allclose(got, fresh)  # the default still draws fresh noise after z
+
+
+def test_shared_teacher_noise_student_keeps_the_teachers_modes(data, teacher, tmp_path):
+    """On bimodal demonstrations an eta=1 teacher picks its mode with noise drawn after z; with fresh noise the
+    student can only learn the mean of both modes from z, with shared noise it learns the sample itself."""
+    import copy
+
+    tuned = copy.deepcopy(teacher)
+    tuned.set_sampler("ddim:5:eta=1")
+    batch = data.random_batch(128, generator=torch.Generator().manual_seed(123))
+    nobs, _ = tuned.normalized_batch(batch)
+    z = torch.randn(128, 8, 2, generator=torch.Generator().manual_seed(456))
+    with torch.no_grad():
+        cond = tuned.encode_obs(nobs)
+        want = tuned.schedule.sample(lambda x, t: tuned.eps(x, t, cond), tuple(z.shape), tuned.default_sampler,
+                                     x_T=z, step_noise=z)
+    gaps = {}
+    for noise in ("fresh", "shared"):
+        student = make_student(tuned)
+        torch.manual_seed(1)
+        DistillAgent({**DISTILL, "teacher_sampler": None, "teacher_noise": noise, "ema": False}, student, tuned, data,
+                     tmp_path / noise, ListLogger(), seed=1).train()
+        with torch.no_grad():
+            got = student.eval().sample_normalized(nobs, "consistency:1", None, noise=z)
+        gaps[noise] = float((got - want).pow(2).mean())
+    assert gaps["shared"] < 0.5 * gaps["fresh"], gaps
