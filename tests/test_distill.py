@@ -156,12 +156,15 @@ def test_shared_teacher_noise_reuses_z_at_every_step(teacher):
     spec = SamplerSpec("ddim", 3, 1.0)
     z = torch.randn(4, teacher.pred_horizon, teacher.action_dim, generator=torch.Generator().manual_seed(7))
     cond = teacher.encode_obs({"state": torch.randn(4, 2, 3, generator=torch.Generator().manual_seed(8))})
-    eps_fn = lambda x, t: teacher.eps(x, t, cond)  # noqa: E731
+
+    def eps_fn(x, t):
+        return teacher.eps(x, t, cond)
+
     with torch.no_grad():
         got = teacher.schedule.sample(eps_fn, tuple(z.shape), spec, x_T=z, step_noise=z)
         x = z
         for t, t_prev in teacher.schedule.timesteps(spec):
-            x, _, std = teacher.schedule.ddim_step(x, eps_fn(x, torch.full((4,), t)), t, t_prev, 1.0, noise=z)
+            x, _, _ = teacher.schedule.ddim_step(x, eps_fn(x, torch.full((4,), t)), t, t_prev, 1.0, noise=z)
         fresh = teacher.schedule.sample(eps_fn, tuple(z.shape), spec, x_T=z)
     torch.testing.assert_close(got, x, rtol=0, atol=0)
     assert not torch.allclose(got, fresh)  # the default still draws fresh noise after z
