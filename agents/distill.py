@@ -72,7 +72,7 @@ def check_distill_config(cfg: Mapping[str, Any]) -> None:
 def output_distill_loss(student: ConsistencyPolicy, teacher: DiffusionPolicy, nobs: Mapping[str, Tensor],
                         teacher_sampler: SamplerSpec, multistep_prob: float,
                         distance: Callable[[Tensor, Tensor], Tensor] = F.mse_loss, cond: Tensor | None = None,
-                        cond_teacher: Tensor | None = None, teacher_noise: str = "fresh") -> Tensor:
+                        cond_teacher: Tensor | None = None, shared_noise: bool = False) -> Tensor:
     """RL-100's head objective on normalised observations ``nobs``: the student maps the teacher's noise ``z`` to
     the teacher's ``teacher_sampler`` sample from ``z`` (see the module docstring). Used by
     :class:`DistillAgent` and by the RL agents' interleaved consistency head (the teacher is then the live policy)."""
@@ -83,7 +83,7 @@ def output_distill_loss(student: ConsistencyPolicy, teacher: DiffusionPolicy, no
     with torch.no_grad():
         cond_teacher = teacher.encode_obs(nobs) if cond_teacher is None else cond_teacher
         target = teacher.schedule.sample(lambda x, t: teacher.eps(x, t, cond_teacher), shape, teacher_sampler, x_T=z,
-                                         step_noise=z if teacher_noise == "shared" else None)
+                                         step_noise=z if shared_noise else None)
     # the one-step case maps the teacher's own z at the top level; a `multistep_prob` share of samples starts
     # lower, from the teacher's sample re-noised with that z, so consistency:N chains work too
     top = student.schedule.num_train_steps - 1
@@ -185,7 +185,7 @@ class DistillAgent(BCAgent):
         if self.objective == "output":
             loss = output_distill_loss(student, teacher, nobs, self.teacher_sampler, float(self.cfg["multistep_prob"]),
                                        self._distance, cond=cond, cond_teacher=cond_teacher,
-                                       teacher_noise=str(self.cfg["teacher_noise"]))
+                                       shared_noise=self.cfg["teacher_noise"] == "shared")
             return loss, {"loss": float(loss.detach())}
         assert self.target is not None
         pair = self.grid[torch.randint(0, len(self.grid), (b,))].to(a0.device)  # adjacent (t, s) per sample

@@ -413,8 +413,6 @@ RL_STAGES = ("expert", "bc", "offline", "online", "one_step")
 
 def _teacher_rollouts(cfg: DictConfig, teacher: Path, path: Path, episodes: int) -> Path:
     """A dataset of ``episodes`` rollouts of the policy run ``teacher`` (its default sampler) at ``path``."""
-    import shutil
-
     from distillery.evaluate import load_policy
 
     policy, tmeta = load_policy(teacher)
