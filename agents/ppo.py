@@ -45,6 +45,7 @@ from distillery.runtime import flatten_state, load_checkpoint, save_run_checkpoi
 __all__ = ["ChainActor", "GaussianActor", "PPOAgent", "RunningMeanStd", "compute_gae", "ppo_clip_loss"]
 
 CHECKPOINT_KIND = "policy"  # same kind as agents/bc.py: `model.*` is a policy that eval/export load
+LR_SCHEDULES = ("constant", "linear")
 
 
 def compute_gae(rewards: Tensor, values: Tensor, terminated: Tensor, truncated: Tensor, next_values: Tensor,
@@ -214,6 +215,7 @@ class PPOAgent:
         "minibatch_size": 256,
         "lr": 3e-4,                # critic, and the actor unless actor_lr is set
         "actor_lr": None,
+        "lr_schedule": "constant",  # or "linear": both learning rates fall linearly to 0 at env_steps (SB3/CleanRL)
         "adam_eps": 1e-5,
         "vf_coef": 0.5,
         "ent_coef": 0.0,           # Gaussian only: a chain has no free entropy
@@ -268,6 +270,8 @@ class PPOAgent:
             if not isinstance(self.actor, ChainActor):
                 raise ValueError("ppo.consistency_head distils a diffusion policy; this policy is a Gaussian")
             self.head = ConsistencyHead(policy, **{**self.DEFAULTS["head"], **c["head"]}, seed=int(seed))
+        if c["lr_schedule"] not in LR_SCHEDULES:
+            raise ValueError(f"ppo.lr_schedule must be one of {LR_SCHEDULES}, got {c['lr_schedule']!r}")
         for key in ("num_steps", "epochs", "minibatch_size"):
             if int(c[key]) < 1:
                 raise ValueError(f"ppo.{key} must be >= 1, got {c[key]}")
@@ -300,6 +304,7 @@ class PPOAgent:
         self.optimizer = torch.optim.Adam([{"params": list(policy.parameters()), "lr": actor_lr},
                                            {"params": list(self.value.parameters()), "lr": float(c["lr"])}],
                                           eps=float(c["adam_eps"]), fused=True)
+        self.base_lrs = [actor_lr, float(c["lr"])]
         self.generator = torch.Generator(device=self.device).manual_seed(self.seed)
         self.env_steps = 0
         self.updates = 0
@@ -497,6 +502,14 @@ class PPOAgent:
         out["actor_frozen"] = float(actor_frozen)
         return out
 
+    def set_learning_rates(self, progress: float) -> None:
+        """Learning rates for the update after a rollout that starts at ``progress`` (env steps done / total):
+        constant, or ``base * (1 - progress)`` (linear). A function of the env-step count alone, so a resumed run
+        continues the same schedule."""
+        scale = 1.0 - progress if self.cfg["lr_schedule"] == "linear" else 1.0
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * max(scale, 0.0)
+
     def _update_head(self, buf: Mapping[str, Any]) -> float:
         """``head_steps`` distillation steps of the one-step head from the just-updated policy."""
         nobs = {k: v.flatten(0, 1) for k, v in buf["nobs"].items()}
@@ -520,6 +533,7 @@ class PPOAgent:
         t0, steps0 = time.perf_counter(), self.env_steps
         next_ckpt = (self.env_steps // ckpt_every + 1) * ckpt_every if ckpt_every > 0 else None
         while self.env_steps < total:
+            self.set_learning_rates(self.env_steps / total)
             buf = self.collect()
             m = self.update(buf)
             if self.head is not None:
@@ -530,7 +544,8 @@ class PPOAgent:
                 dt = time.perf_counter() - t0
                 metrics = {"env_steps": float(self.env_steps), **{f"train/{k}": v for k, v in m.items()},
                            **self.actor.metrics({k: v[0, :1] for k, v in buf["nobs"].items()}),
-                           "train/steps_per_s": (self.env_steps - steps0) / max(dt, 1e-9)}
+                           "train/steps_per_s": (self.env_steps - steps0) / max(dt, 1e-9),
+                           "train/actor_lr": float(self.optimizer.param_groups[0]["lr"])}
                 if returns:
                     metrics["rollout/episodes"] = float(len(returns))
                     metrics["rollout/mean_return"] = float(np.mean(returns))

@@ -227,11 +227,35 @@ def test_checkpoint_loads_for_eval_and_resumes_the_learner_state(tmp_path):
     assert meta["updates"] == agent.updates + 1
 
 
+def test_linear_lr_schedule_reaches_the_optimiser_and_survives_resume(tmp_path):
+    agent = _agent(tmp_path, env_steps=96, lr=3e-4, actor_lr=1e-4, lr_schedule="linear", checkpoint_every=32)
+    agent.train()  # three rollouts of 32 env steps: progress 0, 1/3, 2/3 at their starts
+    logged = [row["train/actor_lr"] for _, row in agent.logger.rows]
+    assert logged == pytest.approx([1e-4, 1e-4 * 2 / 3, 1e-4 / 3])
+    assert agent.optimizer.param_groups[1]["lr"] == pytest.approx(3e-4 / 3)  # the critic's falls alike
+    # resumed from env step 32, the schedule continues from the env-step count, not from the saved optimiser
+    fresh = _agent(tmp_path / "b", env_steps=96, lr=3e-4, actor_lr=1e-4, lr_schedule="linear")
+    fresh.load(tmp_path / "run" / "checkpoints" / step_dir_name(32))
+    fresh.train()
+    assert [row["train/actor_lr"] for _, row in fresh.logger.rows] == pytest.approx(logged[1:])
+    # at the end of the schedule the learning rate is 0 and an update leaves the actor as it was
+    fresh.set_learning_rates(1.0)
+    before = [p.detach().clone() for p in fresh.policy.parameters()]
+    fresh.update(fresh.collect())
+    for a, b in zip(before, fresh.policy.parameters(), strict=True):
+        torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)
+    constant = _agent(tmp_path / "c")
+    constant.train()
+    assert [row["train/actor_lr"] for _, row in constant.logger.rows] == [3e-4, 3e-4]
+
+
 def test_ppo_config_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown config keys \\['epoch'\\]"):
         _agent(tmp_path, epoch=3)
     with pytest.raises(ValueError, match="value_obs_keys \\['image'\\]"):
         _agent(tmp_path, value_obs_keys=["image"])
+    with pytest.raises(ValueError, match="lr_schedule must be one of \\('constant', 'linear'\\), got 'cosine'"):
+        _agent(tmp_path, lr_schedule="cosine")
     env = make_env("push_cube", 2, seed=0)
     squashed = make_policy("gaussian", env.observation_spec, env.action_spec, {"squash": True})
     with pytest.raises(ValueError, match="squash=False"):
