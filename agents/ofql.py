@@ -145,6 +145,7 @@ class OFQLAgent:
         run_dir: checkpoints go to ``run_dir/checkpoints/step_*/`` with ``last`` pointing at the newest.
         logger: anything with ``log(metrics, step)`` and ``progress(total, desc)`` (``runtime.logging.Logger``).
         seed: seeds the weights, batch sampling and all noise.
+        meta: extra JSON metadata stored in every checkpoint (the train command adds the task and its config).
     """
 
     DEFAULTS: dict[str, Any] = {
@@ -174,8 +175,10 @@ class OFQLAgent:
     }
 
     def __init__(self, cfg: Mapping[str, Any] | None, obs_dim: int, act_dim: int,
-                 transitions: Mapping[str, Any] | None, run_dir: str | Path, logger: Any, seed: int = 0) -> None:
+                 transitions: Mapping[str, Any] | None, run_dir: str | Path, logger: Any, seed: int = 0,
+                 meta: Mapping[str, Any] | None = None) -> None:
         self.cfg = resolve_config(self.DEFAULTS, cfg, "ofql")
+        self.meta = dict(meta or {})
         _check_config(self.cfg)
         self.obs_dim, self.act_dim = int(obs_dim), int(act_dim)
         self.data = _check_transitions(transitions, self.obs_dim, self.act_dim) if transitions is not None else None
@@ -308,7 +311,7 @@ class OFQLAgent:
                                         "critic_opt": self.critic_opt.state_dict(),
                                         "generator": self.generator.get_state()}, prefix="train.")
         tensors.update(flat)
-        meta = {"kind": CHECKPOINT_KIND, "step": self.step, "cfg": self.cfg, "obs_dim": self.obs_dim,
+        meta = {**self.meta, "kind": CHECKPOINT_KIND, "step": self.step, "cfg": self.cfg, "obs_dim": self.obs_dim,
                 "act_dim": self.act_dim, "train_state": skeleton}
         if path is not None:
             return save_checkpoint(path, tensors, meta)
@@ -341,7 +344,8 @@ class OFQLAgent:
         _, meta = load_checkpoint(resolve_checkpoint(path), verify=False)
         if meta.get("kind") != CHECKPOINT_KIND:
             raise ValueError(f"checkpoint {path} is a {meta.get('kind')!r} checkpoint, not an OFQL one")
-        agent = cls(meta["cfg"], meta["obs_dim"], meta["act_dim"], transitions, run_dir, logger)
+        keep = {k: v for k, v in meta.items() if k not in ("kind", "step", "cfg", "obs_dim", "act_dim", "train_state")}
+        agent = cls(meta["cfg"], meta["obs_dim"], meta["act_dim"], transitions, run_dir, logger, meta=keep)
         agent.load(path)
         return agent
 

@@ -77,6 +77,7 @@ RL_AGENTS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "ppo": ("distillery.agents.ppo", "PPOAgent", ("num_envs",)),
     "sac": ("distillery.agents.sac", "SACAgent", ("num_envs",)),
     "offline": ("distillery.agents.offline", "OfflineRLAgent", ()),
+    "ofql": ("distillery.agents.ofql", "OFQLAgent", ()),
 }
 
 

@@ -43,6 +43,10 @@ def load_policy(path: str | Path) -> tuple[Policy, dict[str, Any]]:
     """Rebuild a policy from a checkpoint (run dir, ``checkpoints/last`` or a step dir); returns (policy, meta)."""
     ckpt = resolve_checkpoint(path)
     tensors, meta = load_checkpoint(ckpt)
+    if meta.get("kind") == "ofql":
+        raise ValueError(f"checkpoint {ckpt} is an OFQL agent's (`distillery train agent=ofql`), not a Policy: "
+                         f"`distillery eval checkpoint=...` evaluates it; export and the pipeline stages take "
+                         f"policies trained by bc, offline, ppo, sac or distill")
     if "policy" not in meta:
         raise ValueError(f"checkpoint {ckpt} has no policy description in meta.json; it was not written by "
                          f"`distillery train`")
@@ -59,7 +63,12 @@ def evaluate_policy(policy: Policy, env: BatchedEnv, episodes: int, seed: int, s
                     progress: Any = None, video_episodes: int = 0) -> tuple[dict[str, Any], list[Episode]]:
     """Success rate (with 95% CI), mean return and length over ``episodes`` seeded episodes."""
     policy.eval()
-    actor = PolicyActor(policy, sampler, seed)
+    return evaluate_actor(PolicyActor(policy, sampler, seed), env, episodes, seed, progress, video_episodes)
+
+
+def evaluate_actor(actor: Any, env: BatchedEnv, episodes: int, seed: int, progress: Any = None,
+                   video_episodes: int = 0) -> tuple[dict[str, Any], list[Episode]]:
+    """:func:`evaluate_policy` for any rollout actor (``distillery.rollout.Actor``), e.g. an OFQL agent's."""
     played: list[Episode] = []
     for wave in run_waves(env, actor, episodes, seed, render_episodes=video_episodes):
         played.extend(wave)
@@ -82,6 +91,35 @@ def measure_latency(policy: Policy, env: BatchedEnv, sampler: str | None, calls:
     for i in range(warmup + calls):
         t0 = time.perf_counter()
         policy.predict_chunk(history, sampler, carry=carry)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1e3)
+
+
+def load_ofql_actor(path: str | Path, seed: int = 0) -> tuple[Any, dict[str, Any]]:
+    """An ``agent=ofql`` run's one-step policy as a rollout actor, and its checkpoint meta (``config`` holds the
+    task it was trained on). Its one sampler is ``one_step``: one network call per action chunk."""
+    from distillery.agents.ofql import OFQLActor, OFQLAgent
+
+    ckpt = resolve_checkpoint(path)
+    agent = OFQLAgent.from_checkpoint(ckpt)
+    if "config" not in agent.meta:
+        raise ValueError(f"OFQL checkpoint {ckpt} has no task config in its meta.json; evaluate runs trained with "
+                         f"`distillery train agent=ofql`")
+    da = agent.act_dim // int(agent.cfg["chunk"])
+    meta = {**agent.meta, "checkpoint_path": str(ckpt), "checkpoint_sha256": checkpoint_sha256(ckpt),
+            "params": sum(p.numel() for p in agent.actor.parameters())}
+    return OFQLActor(agent, int(agent.cfg["chunk"]), da, seed=seed), meta
+
+
+@torch.no_grad()
+def measure_actor_latency(actor: Any, env: BatchedEnv, calls: int = 20, warmup: int = 3) -> float:
+    """:func:`measure_latency` for an OFQL actor: median ms of one plan (one network call) at batch 1."""
+    obs = env.reset(seed=0)[actor.obs_key][:1].float()
+    times = []
+    for i in range(warmup + calls):
+        t0 = time.perf_counter()
+        actor.agent.act(obs, actor.generator)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return float(np.median(times) * 1e3)

@@ -218,9 +218,9 @@ def _initial_policy(cfg: DictConfig, env: BatchedEnv | None = None) -> tuple[Any
 
 
 def _train_rl(cfg: DictConfig, run_dir: Path, ckpt: Path | None) -> Path:
-    """``agent=ppo|sac`` (online, batched envs; from ``init`` or a fresh ``policy``) or ``agent=offline`` (RL-100's
-    offline stage from ``init``, a BC run, on ``dataset`` or the one ``init`` was trained on), into ``run_dir``,
-    resumed from ``ckpt`` if given."""
+    """``agent=ppo|sac`` (online, batched envs; from ``init`` or a fresh ``policy``), ``agent=offline`` (RL-100's
+    offline stage from ``init``, a BC run, on ``dataset`` or the one ``init`` was trained on) or ``agent=ofql``
+    (one-step flow Q-learning on ``dataset``), into ``run_dir``, resumed from ``ckpt`` if given."""
     import torch
 
     torch.manual_seed(int(cfg.seed))
@@ -243,6 +243,11 @@ def _train_rl(cfg: DictConfig, run_dir: Path, ckpt: Path | None) -> Path:
 
         agent: Any = OfflineRLAgent(agent_cfg, policy, path, run_dir, logger, seed=int(cfg.seed), meta=meta,
                                     collect=collect_more)
+    elif name == "ofql":
+        agent = _ofql_agent(cfg, agent_cfg, run_dir, logger, meta)
+        print(f"train ofql ({sum(p.numel() for p in agent.actor.parameters()) / 1e6:.2f}M actor params) on "
+              f"{len(agent.data['obs'])} chunk transitions of {meta['dataset']} -> {run_dir}")
+        return _run_agent(agent, ckpt, logger, run_dir)
     else:
         env = env_from_config(cfg.task, num_envs, int(cfg.seed))
         policy, meta["init"] = _initial_policy(cfg, env)
@@ -251,6 +256,31 @@ def _train_rl(cfg: DictConfig, run_dir: Path, ckpt: Path | None) -> Path:
     print(f"train {name} ({policy.name}, {policy.num_params() / 1e6:.2f}M params"
           + (f", from {cfg.init}" if cfg.init else "") + f") -> {run_dir}")
     return _run_agent(agent, ckpt, logger, run_dir)
+
+
+def _ofql_agent(cfg: DictConfig, agent_cfg: dict[str, Any], run_dir: Path, logger: Any,
+                meta: dict[str, Any]) -> Any:
+    """``agent=ofql``: one-step flow Q-learning on the chunk transitions of ``cfg.dataset`` (no ``init``: it learns
+    its policy from the data alone)."""
+    from distillery.agents.ofql import OFQLAgent
+    from distillery.data import EpisodeDataset
+    from distillery.data.transitions import chunk_transitions
+
+    if cfg.init:
+        raise ValueError(f"agent=ofql learns its own one-step policy from the dataset; drop init={cfg.init}")
+    path = dataset_path(cfg)
+    episodes = EpisodeDataset(path)
+    if episodes.meta.get("task") != cfg.task.name:
+        raise ValueError(f"dataset {path} holds task {episodes.meta.get('task')!r} but task={cfg.task.name!r}; "
+                         f"pass dataset=<path of a {cfg.task.name} dataset> or collect one")
+    key, chunk = str(agent_cfg["obs_key"]), int(agent_cfg["chunk"])
+    if key not in episodes.obs or episodes.obs[key].ndim != 2:
+        raise ValueError(f"agent.obs_key={key!r} must be a flat observation group of {path}; groups: "
+                         f"{sorted(episodes.obs)}")
+    transitions = chunk_transitions(episodes, key, chunk, float(agent_cfg["gamma"]))
+    meta["dataset"] = str(path)
+    return OFQLAgent(agent_cfg, transitions["obs"].shape[1], transitions["action"].shape[1], transitions, run_dir,
+                     logger, seed=int(cfg.seed), meta=meta)
 
 
 def _own_copy(source: Path, dest: Path) -> Path:
@@ -334,6 +364,7 @@ def evaluate(cfg: DictConfig, checkpoints: dict[str, str | Path] | None = None,
     """
     from distillery.evaluate import evaluate_policy, format_table, load_policy, measure_latency, save_video
     from distillery.evaluate import write_report
+    from distillery.runtime import load_checkpoint, resolve_checkpoint
 
     if checkpoints is None:
         if not cfg.checkpoint:
@@ -343,6 +374,11 @@ def evaluate(cfg: DictConfig, checkpoints: dict[str, str | Path] | None = None,
     results = []
     tasks = set()
     for label, ckpt in checkpoints.items():
+        if load_checkpoint(resolve_checkpoint(ckpt), verify=False)[1].get("kind") == "ofql":
+            row, task_name = _evaluate_ofql(cfg, ckpt, label)
+            results.append(row)
+            tasks.add(task_name)
+            continue
         policy, meta = load_policy(ckpt)
         # evaluate on the task (and episode settings) the policy was trained for
         task_cfg = meta["config"]["task"]
@@ -371,6 +407,28 @@ def evaluate(cfg: DictConfig, checkpoints: dict[str, str | Path] | None = None,
     path = write_report(run_dir, ",".join(sorted(tasks)), int(cfg.episodes), int(cfg.seed), results)
     print(format_table(results))
     return path
+
+
+def _evaluate_ofql(cfg: DictConfig, ckpt: str | Path, label: str) -> tuple[dict[str, Any], str]:
+    """One report row for an ``agent=ofql`` run (its one-step sampler only), and the task it was trained on."""
+    from distillery.evaluate import evaluate_actor, load_ofql_actor, measure_actor_latency
+
+    actor, meta = load_ofql_actor(ckpt, int(cfg.seed))
+    task_cfg = meta["config"]["task"]
+    episodes = int(cfg.eval.sampler_episodes.get("one_step", cfg.episodes))
+    env = env_from_config(task_cfg, min(int(cfg.eval.num_envs), episodes), cfg.seed)
+    t0 = time.perf_counter()
+    bar = _progress(episodes, f"eval {label or 'ofql'} one_step")
+    summary, _ = evaluate_actor(actor, env, episodes, int(cfg.seed), bar)
+    bar.close()
+    env.close()
+    latency_env = env_from_config(task_cfg, 1, cfg.seed)
+    latency = measure_actor_latency(actor, latency_env, int(cfg.eval.latency_calls))
+    latency_env.close()
+    row = {"policy": label or "ofql", "sampler": "one_step", "runtime": "torch", **summary,
+           "latency_ms_p50": latency, "params": meta["params"], "checkpoint": meta["checkpoint_path"],
+           "eval_wall_s": time.perf_counter() - t0}
+    return row, str(task_cfg["name"])
 
 
 # ----------------------------------------------------------------------------------------------- demo
@@ -440,7 +498,7 @@ def _student_rollouts(cfg: DictConfig, student: Path, source: Path, path: Path, 
     return path
 
 
-def _stage(root: Path, name: str, run: Any, source: str | None = None) -> dict[str, Any]:
+def run_stage(root: Path, name: str, run: Any, source: str | None = None) -> dict[str, Any]:
     """Run ``run() -> path`` unless ``root/<name>/stage.json`` says it finished (from the same ``source``, when one
     is given: the checkpoint a stage is made from); returns that record (``path``, ``wall_s`` of the run that
     finished it, ``resumed``, ``source``)."""
@@ -484,8 +542,37 @@ def _logged_seconds(run_dir: Path) -> float:
     return total + last
 
 
-def _resume_arg(run_dir: Path) -> Path | None:
+def resume_arg(run_dir: Path) -> Path | None:
     return run_dir if (run_dir / "checkpoints").exists() else None
+
+
+EVAL_SEED_OFFSET = 12345  # the pipeline evaluates at seed + this: episodes apart from training and collection
+
+
+def pipeline_root(base: DictConfig) -> Path:
+    """``pipeline.root``, or ``runs/pipeline_<task>``."""
+    return Path(base.pipeline.root) if base.pipeline.root else RUNS_DIR / f"pipeline_{base.task.name}"
+
+
+def _demonstrator(base: DictConfig) -> tuple[float, float, float]:
+    """The pipeline's demonstrator for ``base.task``: (label noise, share of mistaken episodes, executed-only
+    noise)."""
+    task, p = base.task.name, base.pipeline
+    if task not in p.expert_noise:
+        raise config_mod.ConfigError(f"pipeline.expert_noise has no entry for task {task!r}; add "
+                                     f"pipeline.expert_noise.{task}=<action noise std>")
+    return float(p.expert_noise[task]), float(p.expert_mistakes.get(task, 0.0)), float(p.dart_noise.get(task, 0.0))
+
+
+def pipeline_demonstrations(overrides: list[str]) -> dict[str, Any]:
+    """The pipeline's first stage on its own: the noisy expert's ``pipeline.episodes`` demonstrations in
+    ``<root>/data.zarr`` (kept if already collected); returns the stage record (``path``: the collect run)."""
+    base = config_mod.compose(overrides)
+    root = pipeline_root(base)
+    noise, mistakes, dart = _demonstrator(base)
+    return run_stage(root, "collect", lambda: collect(config_mod.compose([
+        *overrides, f"dataset={root / 'data.zarr'}", f"run_dir={root / 'collect'}", f"expert_noise={noise}",
+        f"expert_mistakes={mistakes}", f"collect.action_noise={dart}", f"episodes={int(base.pipeline.episodes)}"])))
 
 
 def rl_pipeline(overrides: list[str]) -> Path:
@@ -503,14 +590,8 @@ def rl_pipeline(overrides: list[str]) -> Path:
     t_start = time.perf_counter()
     base = config_mod.compose(overrides)
     task, p = base.task.name, base.pipeline
-    if task not in p.expert_noise:
-        raise config_mod.ConfigError(f"pipeline.expert_noise has no entry for task {task!r}; add "
-                                     f"pipeline.expert_noise.{task}=<action noise std>")
-    root = Path(p.root) if p.root else RUNS_DIR / f"pipeline_{task}"
-    data = root / "data.zarr"
-    noise = float(p.expert_noise[task])
-    dart = float(p.dart_noise.get(task, 0.0))
-    mistakes = float(p.expert_mistakes.get(task, 0.0))
+    root, data = pipeline_root(base), pipeline_root(base) / "data.zarr"
+    noise, mistakes, dart = _demonstrator(base)
 
     task_overrides = p.task_overrides.get(task, {})
 
@@ -521,41 +602,39 @@ def rl_pipeline(overrides: list[str]) -> Path:
         return config_mod.compose([*stage_overrides, *overrides, f"dataset={data}",
                                    f"run_dir={root / (run_name or stage)}", *extra])
 
-    records = {"collect": _stage(root, "collect", lambda: collect(stage_cfg(
-        "collect", f"expert_noise={noise}", f"expert_mistakes={mistakes}", f"collect.action_noise={dart}",
-        f"episodes={int(p.episodes)}")))}
-    records["bc"] = _stage(root, "bc", lambda: train(stage_cfg("bc"), resume=_resume_arg(root / "bc")))
-    records["offline"] = _stage(root, "offline", lambda: train(
-        stage_cfg("offline", f"init={root / 'bc'}"), resume=_resume_arg(root / "offline")))
-    records["online"] = _stage(root, "online", lambda: train(
-        stage_cfg("online", f"init={root / 'offline'}"), resume=_resume_arg(root / "online")))
+    records = {"collect": pipeline_demonstrations(overrides)}
+    records["bc"] = run_stage(root, "bc", lambda: train(stage_cfg("bc"), resume=resume_arg(root / "bc")))
+    records["offline"] = run_stage(root, "offline", lambda: train(
+        stage_cfg("offline", f"init={root / 'bc'}"), resume=resume_arg(root / "offline")))
+    records["online"] = run_stage(root, "online", lambda: train(
+        stage_cfg("online", f"init={root / 'offline'}"), resume=resume_arg(root / "online")))
     # The student copies the teacher where the teacher goes: on the online policy's own rollouts, not on the
     # noisy demonstrations, whose states and actions the fine-tuned policy has left behind.
     distill_data = data
     if int(p.distill_rollouts) > 0:
-        records["rollouts"] = _stage(root, "rollouts", lambda: _teacher_rollouts(
+        records["rollouts"] = run_stage(root, "rollouts", lambda: _teacher_rollouts(
             base, root / "online", root / "rollouts" / "data.zarr", int(p.distill_rollouts)))
         distill_data = Path(records["rollouts"]["path"])
-    students = [_stage(root, "distill", lambda: distill(
+    students = [run_stage(root, "distill", lambda: distill(
         stage_cfg("distill", f"teacher={root / 'online'}", f"dataset={distill_data}"),
-        resume=_resume_arg(root / "distill")))]
+        resume=resume_arg(root / "distill")))]
     # DAgger (Ross et al. 2011): the student drifts into states its teacher's rollouts seldom show; each round adds
     # the latest student's rollouts, labelled by the teacher on the fly, and distils a new student on everything.
     for r in range(1, int(p.distill_dagger_rounds.get(task, 0)) + 1):
         name = f"dagger{r}_rollouts"
-        records[name] = _stage(root, name, partial(
+        records[name] = run_stage(root, name, partial(
             _student_rollouts, base, Path(students[-1]["path"]), Path(distill_data), root / name / "data.zarr",
             int(p.distill_rollouts) or int(p.episodes), int(base.seed) + 3000 + r))
         distill_data = Path(records[name]["path"])
         run_name = f"distill_dagger{r}"
-        students.append(_stage(root, run_name, partial(
+        students.append(run_stage(root, run_name, partial(
             distill, stage_cfg("distill", f"teacher={root / 'online'}", f"dataset={distill_data}", run_name=run_name),
-            resume=_resume_arg(root / run_name))))
+            resume=resume_arg(root / run_name))))
     # the report's one-step row: the last student, its wall time every distillation's
     records["one_step"] = {**students[-1], "wall_s": sum(s["wall_s"] for s in students)}
 
     # ---- evaluation of every stage on the same seeded episodes (cached per stage)
-    episodes, seed = int(p.eval_episodes), int(base.seed) + 12345  # seeds apart from training and collection
+    episodes, seed = int(p.eval_episodes), int(base.seed) + EVAL_SEED_OFFSET
     rows = []
     for stage in RL_STAGES:
         cache = root / "eval" / f"{stage}.json"
@@ -592,7 +671,7 @@ def rl_pipeline(overrides: list[str]) -> Path:
 
     # ---- export of the one-step policy, checked in closed loop through the torch-free runtime
     # redone when the one-step policy is another student than the exported one (a DAgger round added or removed)
-    records["export"] = _stage(root, "export", lambda: export_stage(config_mod.compose(
+    records["export"] = run_stage(root, "export", lambda: export_stage(config_mod.compose(
         [*overrides, f"checkpoint={records['one_step']['path']}", "sampler=consistency:1",
          f"export.out_dir={root / 'export'}"])), source=records["one_step"]["path"])
     export_dir = Path(records["export"]["path"])
