@@ -85,10 +85,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = [r for task in tasks for r in run_task(task, args.root, args.overrides)]
     print(format_rows(rows))
     if args.json:
-        kept = json.loads(args.json.read_text())["rows"] if args.json.is_file() else []
-        rows_out = [r for r in kept if r["task"] not in tasks] + rows
-        atomic_write_text(args.json, json.dumps({"benchmark": "ofql_baseline", "argv": sys.argv[1:],
-                                                 "rows": rows_out}, indent=1))
+        kept = json.loads(args.json.read_text()) if args.json.is_file() else {}
+        rows_out = [r for r in kept.get("rows", []) if r["task"] not in tasks] + rows
+        # each task's command line, as rl_pipeline.py keeps them (the README's table footer lists them)
+        summary = [s for s in kept.get("summary", []) if s["task"] not in tasks] + \
+            [{"task": t, "argv": sys.argv[1:] if argv is None else argv} for t in tasks]
+        atomic_write_text(args.json, json.dumps({"benchmark": "ofql_baseline", "rows": rows_out,
+                                                 "summary": summary}, indent=1))
     return rows
 
 
