@@ -38,7 +38,8 @@ from distillery.agents.grad_steps import MetricMeans
 from distillery.policies.base import resolve_config
 from distillery.policies.networks.encoders import mlp
 from distillery.policies.networks.unet1d import SinusoidalPosEmb
-from distillery.runtime import flatten_state, load_checkpoint, save_checkpoint, save_run_checkpoint, unflatten_state
+from distillery.runtime import (flatten_state, load_checkpoint, load_checkpoint_meta, save_checkpoint,
+                                 save_run_checkpoint, unflatten_state)
 from distillery.runtime.checkpoint import resolve_checkpoint
 
 __all__ = ["FlowActor", "OFQLAgent", "OFQLActor", "meanflow_loss", "sample_flow_times", "CHECKPOINT_KIND"]
@@ -341,7 +342,7 @@ class OFQLAgent:
     def from_checkpoint(cls, path: str | Path, transitions: Mapping[str, Any] | None = None,
                         run_dir: str | Path | None = None, logger: Any = None) -> "OFQLAgent":
         """An agent rebuilt from a checkpoint's config and dims, with its state loaded (to act or resume)."""
-        _, meta = load_checkpoint(resolve_checkpoint(path), verify=False)
+        meta = load_checkpoint_meta(resolve_checkpoint(path))  # the weights are read once, by load()
         if meta.get("kind") != CHECKPOINT_KIND:
             raise ValueError(f"checkpoint {path} is a {meta.get('kind')!r} checkpoint, not an OFQL one")
         keep = {k: v for k, v in meta.items() if k not in ("kind", "step", "cfg", "obs_dim", "act_dim", "train_state")}

@@ -20,14 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 from distillery import config as config_mod
-from distillery.evaluate import evaluate_actor, load_ofql_actor, measure_actor_latency
-from distillery.pipeline import (EVAL_SEED_OFFSET, env_from_config, pipeline_demonstrations, pipeline_root,
+from distillery.pipeline import (EVAL_SEED_OFFSET, evaluate_ofql_run, pipeline_demonstrations, pipeline_root,
                                  resume_arg, run_stage, train)
-from distillery.runtime import atomic_write_text, resolve_checkpoint
+from distillery.runtime import atomic_write_text
 
 PIPELINE_STAGES = ("bc", "offline", "one_step")
 
@@ -35,26 +33,20 @@ PIPELINE_STAGES = ("bc", "offline", "one_step")
 def run_task(task: str, root: Path, overrides: list[str]) -> list[dict]:
     common = [f"task={task}", f"pipeline.root={root / task}", "logger.wandb=false"]
     base = config_mod.compose(common)
+    task_root = pipeline_root(base)
     data = Path(pipeline_demonstrations(common)["path"])
-    run_dir = pipeline_root(base) / "ofql"
+    run_dir = task_root / "ofql"
     # a stage of its own beside the pipeline's: skipped once finished, resumed if interrupted
-    record = run_stage(pipeline_root(base), "ofql", lambda: train(config_mod.compose(
+    record = run_stage(task_root, "ofql", lambda: train(config_mod.compose(
         [*common, "agent=ofql", f"dataset={data}", f"run_dir={run_dir}", *overrides]), resume=resume_arg(run_dir)))
 
     episodes, seed = int(base.pipeline.eval_episodes), int(base.seed) + EVAL_SEED_OFFSET
-    actor, _ = load_ofql_actor(resolve_checkpoint(run_dir), seed)
-    env = env_from_config(base.task, min(int(base.eval.num_envs), episodes), seed)
-    t1 = time.perf_counter()
-    summary, _ = evaluate_actor(actor, env, episodes, seed)
-    env.close()
-    latency_env = env_from_config(base.task, 1, seed)
-    latency = measure_actor_latency(actor, latency_env)
-    latency_env.close()
-    rows = [{"task": task, "stage": "ofql", "success_rate": summary["success_rate"], "episodes": episodes,
-             "wall_s": record["wall_s"], "success_ci95": summary["success_ci95"], "mean_return": summary["mean_return"],
-             "sampler": "one_step", "latency_ms_p50": latency, "eval_wall_s": time.perf_counter() - t1,
-             "checkpoint": str(resolve_checkpoint(run_dir)), "source": "this benchmark"}]
-    report = pipeline_root(base) / "report.json"
+    row, _ = evaluate_ofql_run(run_dir, episodes, seed, int(base.eval.num_envs))
+    rows = [{"task": task, "stage": "ofql", "success_rate": row["success_rate"], "episodes": episodes,
+             "wall_s": record["wall_s"], "success_ci95": row["success_ci95"], "mean_return": row["mean_return"],
+             "sampler": "one_step", "latency_ms_p50": row["latency_ms_p50"], "eval_wall_s": row["eval_wall_s"],
+             "checkpoint": row["checkpoint"], "source": "this benchmark"}]
+    report = task_root / "report.json"
     if report.is_file():
         for r in json.loads(report.read_text())["rows"]:
             if r["stage"] in PIPELINE_STAGES:

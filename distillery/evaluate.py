@@ -86,11 +86,16 @@ def measure_latency(policy: Policy, env: BatchedEnv, sampler: str | None, calls:
     (cold) warm-up call the steady-state cost of one plan is what gets timed."""
     obs = env.reset(seed=0)
     history = {k: obs[k][:1].unsqueeze(1).repeat_interleave(policy.obs_horizon, 1) for k in policy.obs_keys}
-    times = []
     carry: dict[str, torch.Tensor] = {}
+    return _median_ms(lambda: policy.predict_chunk(history, sampler, carry=carry), calls, warmup)
+
+
+def _median_ms(call: Any, calls: int, warmup: int) -> float:
+    """Median wall time (ms) of ``call()`` over ``calls`` timed calls after ``warmup`` untimed ones."""
+    times = []
     for i in range(warmup + calls):
         t0 = time.perf_counter()
-        policy.predict_chunk(history, sampler, carry=carry)
+        call()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return float(np.median(times) * 1e3)
@@ -116,13 +121,7 @@ def load_ofql_actor(path: str | Path, seed: int = 0) -> tuple[Any, dict[str, Any
 def measure_actor_latency(actor: Any, env: BatchedEnv, calls: int = 20, warmup: int = 3) -> float:
     """:func:`measure_latency` for an OFQL actor: median ms of one plan (one network call) at batch 1."""
     obs = env.reset(seed=0)[actor.obs_key][:1].float()
-    times = []
-    for i in range(warmup + calls):
-        t0 = time.perf_counter()
-        actor.agent.act(obs, actor.generator)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return float(np.median(times) * 1e3)
+    return _median_ms(lambda: actor.agent.act(obs, actor.generator), calls, warmup)
 
 
 def evaluate_deployed(export_dir: str | Path, episodes: int, seed: int, threads: int = 1) -> dict[str, Any]:

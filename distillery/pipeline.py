@@ -364,7 +364,7 @@ def evaluate(cfg: DictConfig, checkpoints: dict[str, str | Path] | None = None,
     """
     from distillery.evaluate import evaluate_policy, format_table, load_policy, measure_latency, save_video
     from distillery.evaluate import write_report
-    from distillery.runtime import load_checkpoint, resolve_checkpoint
+    from distillery.runtime import load_checkpoint_meta, resolve_checkpoint
 
     if checkpoints is None:
         if not cfg.checkpoint:
@@ -374,10 +374,12 @@ def evaluate(cfg: DictConfig, checkpoints: dict[str, str | Path] | None = None,
     results = []
     tasks = set()
     for label, ckpt in checkpoints.items():
-        if load_checkpoint(resolve_checkpoint(ckpt), verify=False)[1].get("kind") == "ofql":
-            row, task_name = _evaluate_ofql(cfg, ckpt, label)
+        if load_checkpoint_meta(resolve_checkpoint(ckpt)).get("kind") == "ofql":
+            row, task_cfg = evaluate_ofql_run(ckpt, int(cfg.eval.sampler_episodes.get("one_step", cfg.episodes)),
+                                              int(cfg.seed), int(cfg.eval.num_envs), int(cfg.eval.latency_calls),
+                                              label)
             results.append(row)
-            tasks.add(task_name)
+            tasks.add(str(task_cfg["name"]))
             continue
         policy, meta = load_policy(ckpt)
         # evaluate on the task (and episode settings) the policy was trained for
@@ -409,26 +411,27 @@ def evaluate(cfg: DictConfig, checkpoints: dict[str, str | Path] | None = None,
     return path
 
 
-def _evaluate_ofql(cfg: DictConfig, ckpt: str | Path, label: str) -> tuple[dict[str, Any], str]:
-    """One report row for an ``agent=ofql`` run (its one-step sampler only), and the task it was trained on."""
+def evaluate_ofql_run(ckpt: str | Path, episodes: int, seed: int, num_envs: int, latency_calls: int = 20,
+                      label: str = "") -> tuple[dict[str, Any], dict[str, Any]]:
+    """One report row for an ``agent=ofql`` run (its one-step sampler, the only one it has) over ``episodes``
+    seeded episodes of the task it was trained on, and that task's config section."""
     from distillery.evaluate import evaluate_actor, load_ofql_actor, measure_actor_latency
 
-    actor, meta = load_ofql_actor(ckpt, int(cfg.seed))
+    actor, meta = load_ofql_actor(ckpt, seed)
     task_cfg = meta["config"]["task"]
-    episodes = int(cfg.eval.sampler_episodes.get("one_step", cfg.episodes))
-    env = env_from_config(task_cfg, min(int(cfg.eval.num_envs), episodes), cfg.seed)
+    env = env_from_config(task_cfg, min(num_envs, episodes), seed)
     t0 = time.perf_counter()
     bar = _progress(episodes, f"eval {label or 'ofql'} one_step")
-    summary, _ = evaluate_actor(actor, env, episodes, int(cfg.seed), bar)
+    summary, _ = evaluate_actor(actor, env, episodes, seed, bar)
     bar.close()
     env.close()
-    latency_env = env_from_config(task_cfg, 1, cfg.seed)
-    latency = measure_actor_latency(actor, latency_env, int(cfg.eval.latency_calls))
+    latency_env = env_from_config(task_cfg, 1, seed)
+    latency = measure_actor_latency(actor, latency_env, latency_calls)
     latency_env.close()
     row = {"policy": label or "ofql", "sampler": "one_step", "runtime": "torch", **summary,
            "latency_ms_p50": latency, "params": meta["params"], "checkpoint": meta["checkpoint_path"],
            "eval_wall_s": time.perf_counter() - t0}
-    return row, str(task_cfg["name"])
+    return row, task_cfg
 
 
 # ----------------------------------------------------------------------------------------------- demo
@@ -590,7 +593,8 @@ def rl_pipeline(overrides: list[str]) -> Path:
     t_start = time.perf_counter()
     base = config_mod.compose(overrides)
     task, p = base.task.name, base.pipeline
-    root, data = pipeline_root(base), pipeline_root(base) / "data.zarr"
+    root = pipeline_root(base)
+    data = root / "data.zarr"
     noise, mistakes, dart = _demonstrator(base)
 
     task_overrides = p.task_overrides.get(task, {})

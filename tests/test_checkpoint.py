@@ -58,6 +58,7 @@ def test_round_trip_without_pickle(tmp_path, no_pickle):
     got, got_meta = load_checkpoint(out)
     assert_tensors_equal(got, tensors)
     assert got_meta == meta
+    assert ckpt.load_checkpoint_meta(out) == meta  # the same meta without reading the weights
     on_disk = json.loads((out / "meta.json").read_text())
     assert on_disk["step"] == 12 and on_disk["_checkpoint"]["format"] == 1  # readable without distillery
 
@@ -110,9 +111,12 @@ def test_corrupt_or_missing_files_have_clear_errors(tmp_path):
     model.write_bytes(bytes(raw[:20]))
     with pytest.raises(ValueError, match="model.safetensors is corrupt"):
         load_checkpoint(path, verify=False)
+    assert ckpt.load_checkpoint_meta(path) == {"v": 1}  # the meta alone is intact
     (path / "meta.json").write_text("{not json")
     with pytest.raises(ValueError, match="meta.json is corrupt"):
         load_checkpoint(path)
+    with pytest.raises(ValueError, match="meta.json is corrupt"):
+        ckpt.load_checkpoint_meta(path)
     (path / "meta.json").unlink()
     with pytest.raises(FileNotFoundError, match="meta.json is missing"):
         load_checkpoint(path)

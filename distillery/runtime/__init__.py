@@ -4,6 +4,7 @@ from distillery.runtime.checkpoint import (
     checkpoint_sha256,
     flatten_state,
     load_checkpoint,
+    load_checkpoint_meta,
     resolve_checkpoint,
     save_checkpoint,
     save_run_checkpoint,
@@ -13,7 +14,7 @@ from distillery.runtime.checkpoint import (
     update_link,
 )
 
-__all__ = ["save_checkpoint", "save_run_checkpoint", "load_checkpoint", "flatten_state", "unflatten_state", "update_link",
+__all__ = ["save_checkpoint", "save_run_checkpoint", "load_checkpoint", "load_checkpoint_meta", "flatten_state", "unflatten_state", "update_link",
            "resolve_checkpoint", "step_dir_name", "atomic_write_text", "checkpoint_sha256", "sha256_file", "Logger"]
 
 

@@ -135,6 +135,28 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
     Returns:
         ``(tensors, meta)`` with the caller's meta (the reserved ``"_checkpoint"`` entry removed).
     """
+    path, meta, info = _read_meta(path)
+    model_path = path / MODEL_FILE
+    expected = info.get("files", {}).get(MODEL_FILE, {}).get("sha256")
+    if verify and expected is not None and sha256_file(model_path) != expected:
+        raise ValueError(f"checkpoint file {model_path} is corrupt (sha256 mismatch with {path / META_FILE}); use "
+                         f"another checkpoint or pass verify=False to load it anyway")
+    try:
+        tensors = load_file(model_path, device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"checkpoint file {model_path} is corrupt or not safetensors ({e}); use another "
+                         f"checkpoint") from e
+    return tensors, meta
+
+
+def load_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The caller's meta of a checkpoint dir, checked as :func:`load_checkpoint` checks it, without reading the
+    weights (e.g. to learn what kind of run wrote it)."""
+    return _read_meta(path)[1]
+
+
+def _read_meta(path: str | os.PathLike) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """``(checkpoint dir actually read, caller's meta, reserved checkpoint info)``; both files must exist."""
     path = Path(path)
     if not path.exists():
         # Read-only fallback for a save killed mid-swap: its complete new dir sits beside the old one.
@@ -159,16 +181,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
     if info["format"] != CHECKPOINT_FORMAT:
         raise ValueError(f"checkpoint {path} has format {info['format']}, this distillery reads format "
                          f"{CHECKPOINT_FORMAT}; use the distillery version that wrote it")
-    expected = info.get("files", {}).get(MODEL_FILE, {}).get("sha256")
-    if verify and expected is not None and sha256_file(model_path) != expected:
-        raise ValueError(f"checkpoint file {model_path} is corrupt (sha256 mismatch with {meta_path}); use another "
-                         f"checkpoint or pass verify=False to load it anyway")
-    try:
-        tensors = load_file(model_path, device=str(device))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"checkpoint file {model_path} is corrupt or not safetensors ({e}); use another "
-                         f"checkpoint") from e
-    return tensors, meta
+    return path, meta, info
 
 
 def checkpoint_sha256(path: str | os.PathLike) -> str | None:
@@ -317,7 +330,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return max(candidates)[1]
 
 
-__all__ = ["save_checkpoint", "load_checkpoint", "flatten_state", "unflatten_state", "update_link",
+__all__ = ["save_checkpoint", "load_checkpoint", "load_checkpoint_meta", "flatten_state", "unflatten_state", "update_link",
            "resolve_checkpoint", "step_dir_name", "atomic_write_text", "MODEL_FILE", "META_FILE"]
 
 
