@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, get_origin, get_type_hints
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -165,6 +165,19 @@ class RootSchema:
 _UNKNOWN_KEY = re.compile(r"Could not override '([^']+)'")
 
 
+def _in_open_map(dotted: str) -> bool:
+    """Whether ``dotted`` lies inside a schema field typed ``dict[...]`` (e.g. ``pipeline.task_overrides``): a map
+    whose keys are the user's to add, which Hydra only takes with a ``++`` prefix."""
+    node: Any = RootSchema
+    for part in dotted.split("."):
+        if not hasattr(node, "__dataclass_fields__"):
+            return False
+        node = get_type_hints(node).get(part)
+        if get_origin(node) is dict:
+            return True
+    return False
+
+
 def _hydra_compose(overrides: list[str]) -> DictConfig:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -198,7 +211,9 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
             node = OmegaConf.select(chosen, parent) if parent else chosen
             valid = sorted(node.keys()) if isinstance(node, DictConfig) else []
             msg = (f"unknown key {m.group(1)!r}"
-                   + (f"; valid keys of {parent or 'the root'}: {', '.join(map(str, valid))}" if valid else ""))
+                   + (f"; valid keys of {parent or 'the root'}: {', '.join(map(str, valid))}" if valid else "")
+                   + (f"; {parent} takes new keys: add this one with '++{m.group(1)}=...'"
+                      if _in_open_map(m.group(1)) else ""))
         raise ConfigError(f"bad config override: {msg}") from None
     return validate(cfg)
 
