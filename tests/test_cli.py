@@ -17,8 +17,8 @@ from distillery.cli import main
     (["policy.down_dimz=[8]"], ["unknown key 'policy.down_dimz'", "down_dims"]),
     (["bogus=1"], ["unknown key 'bogus'", "episodes"]),
     # a task's stage list absent from config.yaml: the map takes it, but only with Hydra's ++ prefix
-    (["pipeline.task_overrides.push_cube.offline=[]"],
-     ["unknown key 'pipeline.task_overrides.push_cube.offline'", "'++pipeline.task_overrides.push_cube.offline=...'"]),
+    (["pipeline.task_overrides.lift_cube.offline=[]"],
+     ["unknown key 'pipeline.task_overrides.lift_cube.offline'", "'++pipeline.task_overrides.lift_cube.offline=...'"]),
     (["agent.steps=abc"], ["agent.steps", "abc"]),
     (["episodes=0"], ["episodes must be >= 1"]),
     (["sampler=ddim:x"], ["ddim:x", "Valid forms"]),
